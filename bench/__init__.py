@@ -1,0 +1,1 @@
+"""Benchmarks of a running (or freshly started) Gatehouse; see bench/README.md."""

@@ -1,0 +1,1 @@
+"""Request/reply commands (subjects `cmd.<service>.<verb>`) and their replies."""

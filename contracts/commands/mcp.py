@@ -1,0 +1,167 @@
+"""Commands answered by the mcp_proxy service (`cmd.mcp_proxy.<verb>`).
+
+The registry of upstream MCP servers and the execution of tool calls both live in
+mcp_proxy. Tool arguments and results travel as raw JSON (`msgspec.Raw`) so that neither
+the gateway nor the proxy re-validates what it only forwards.
+"""
+
+from datetime import datetime
+from typing import Literal
+
+import msgspec
+
+from contracts.commands.common import CommandMeta
+
+Transport = Literal["stdio", "http", "sse"]
+Scope = Literal["user", "org"]
+
+
+class SecretRef(msgspec.Struct, forbid_unknown_fields=True):
+    """`{"secret": "NAME"}`: resolved at call time from the caller's (or their org's) secrets."""
+
+    secret: str
+
+
+EnvValue = str | SecretRef
+
+
+class Caller(msgspec.Struct, kw_only=True):
+    """On whose behalf: the authenticated user (from the gateway's key check, never the body)."""
+
+    user_id: str
+    org_id: str
+    tier: str = "free"
+    is_admin: bool = False
+
+
+class ServerSpec(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str
+    transport: Transport
+    command: str | None = None
+    args: list[str] = msgspec.field(default_factory=list)
+    env: dict[str, EnvValue] = msgspec.field(default_factory=dict)
+    url: str | None = None
+    headers: dict[str, EnvValue] = msgspec.field(default_factory=dict)
+    timeout_s: float = 30.0
+
+
+class RegisterServer(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+    scope: Scope = "user"  # "org": an admin registers it for every member of the org
+    spec: ServerSpec
+
+
+class ServerView(msgspec.Struct, kw_only=True):
+    name: str
+    transport: Transport
+    scope: Scope
+    status: str  # "unknown" | "ok" | "error"
+    tools_count: int
+    requires_auth: bool  # some env/header value is a secret reference
+    secrets: list[str] = msgspec.field(default_factory=list)  # names referenced (never values)
+    error: str | None = None
+    created_at: datetime | None = None
+
+
+class ServerList(msgspec.Struct):
+    servers: list[ServerView]
+
+
+class ListServers(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+
+
+class RemoveServer(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+    name: str
+    scope: Scope | None = None  # None: the caller's own server of that name, else (admins) the org's
+
+
+class TestServer(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+    name: str
+
+
+class Tool(msgspec.Struct, kw_only=True, omit_defaults=True):
+    name: str
+    description: str | None = None
+    inputSchema: msgspec.Raw = msgspec.Raw(b'{"type":"object"}')  # MCP's own field name
+    annotations: msgspec.Raw | None = None
+    title: str | None = None
+
+
+class ServerTools(msgspec.Struct, kw_only=True):
+    server: str
+    tools: list[Tool] = msgspec.field(default_factory=list)
+    error: str | None = None  # the server could not be listed (the others still are)
+
+
+class ListTools(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+    server: str | None = None  # None: every server the caller can use
+
+
+class ToolCatalog(msgspec.Struct):
+    servers: list[ServerTools]
+
+
+class CallTool(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+    request_id: str  # idempotency key; also the quota reservation key
+    server: str
+    tool: str
+    arguments: msgspec.Raw = msgspec.Raw(b"{}")
+    timeout_s: float | None = None  # None: the server's timeout_s
+    progress_token: str | int | None = None
+
+
+CallStatus = Literal["success", "error", "timeout"]
+
+
+class CallOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    request_id: str
+    server: str
+    tool_name: str
+    status: CallStatus
+    result: msgspec.Raw | None = None  # the upstream's CallToolResult, as sent
+    error: str | None = None
+    error_code: int | None = None  # JSON-RPC error code for MCP clients
+    duration_ms: float = 0.0
+    timestamp: datetime | None = None
+
+
+class CancelCall(msgspec.Struct, kw_only=True):
+    caller: Caller
+    request_id: str
+
+
+class History(msgspec.Struct, kw_only=True):
+    meta: CommandMeta
+    caller: Caller
+    limit: int = 50
+    server: str | None = None
+    cursor: str | None = None
+
+
+class HistoryItem(msgspec.Struct, kw_only=True):
+    request_id: str
+    server: str
+    tool_name: str
+    status: str
+    duration_ms: float
+    arguments_sha256: str
+    arguments_bytes: int
+    result_bytes: int
+    timestamp: datetime
+    error: str | None = None
+
+
+class HistoryPage(msgspec.Struct):
+    items: list[HistoryItem]
+    next_cursor: str | None

@@ -1,0 +1,89 @@
+"""Facts published by the quota service (subjects `events.quota.<name>`).
+
+Every balance can be rebuilt from these: `reserved` opens a reservation, `usage_recorded`
+(a call) or `committed` (a build slot or a server) confirms it, `released` closes it.
+`usage_recorded` is the billing record: exactly one per charged call; dedupe on `usage_id`.
+"""
+
+from datetime import datetime
+
+import msgspec
+
+
+class Reserved(msgspec.Struct, kw_only=True):
+    reservation_id: str  # UUIDv5 of (user id, key): the same key always names the same reservation
+    key: str
+    user_id: str
+    org_id: str
+    kind: str  # "call" | "build_slot" | "server"
+    amount: int
+    tier: str
+    period_start: datetime  # the period the reservation (and its charge) belongs to
+    reserved_at: datetime
+    expires_at: datetime | None = None  # released as "expired" then, unless committed before
+    version: int = 1  # of the reservation: a released key reserved again is version 3, 5, ...
+
+
+class Committed(msgspec.Struct, kw_only=True):
+    """A build slot or a server reservation was confirmed (calls publish usage_recorded)."""
+
+    reservation_id: str
+    key: str
+    user_id: str
+    org_id: str
+    kind: str
+    amount: int
+    period_start: datetime
+    version: int = 2
+
+
+class UsageRecorded(msgspec.Struct, kw_only=True):
+    """One charged tool call, for billing. `usage_id` is stable: dedupe on it."""
+
+    usage_id: str  # = reservation_id, derived from (user id, request id)
+    key: str  # the tool call's request id
+    user_id: str
+    org_id: str
+    kind: str
+    amount: int
+    tier: str
+    period_start: datetime
+    reserved_at: datetime
+    recorded_at: datetime
+    version: int = 2  # of the reservation
+
+
+class Released(msgspec.Struct, kw_only=True):
+    reservation_id: str
+    key: str
+    user_id: str
+    org_id: str
+    kind: str
+    amount: int
+    period_start: datetime
+    reason: str  # "expired" (timed out, set by the service) or the caller's reason
+    was_committed: bool = False  # a committed slot (build, server) freed
+    version: int = 2
+
+
+class Refused(msgspec.Struct, kw_only=True):
+    """A reservation was refused over a limit (recorded at most once a minute per user and kind)."""
+
+    user_id: str
+    org_id: str
+    kind: str
+    amount: int
+    tier: str
+    used: int
+    limit: int
+    sentence: str
+    key: str = ""
+
+
+EVENTS: dict[str, type[msgspec.Struct]] = {
+    "quota.reserved": Reserved,
+    "quota.committed": Committed,
+    "quota.usage_recorded": UsageRecorded,
+    "quota.released": Released,
+    "quota.refused": Refused,
+}

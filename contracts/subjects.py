@@ -1,0 +1,50 @@
+"""Subject and stream names: the addresses every service agrees on."""
+
+from typing import Final
+
+STREAM: Final = "GATEHOUSE_EVENTS"
+EVENTS_PREFIX: Final = "events"
+ALL_EVENTS: Final = "events.>"
+
+# Every service that runs in a full deployment; `/ready` asks each of them.
+SERVICES: Final = ("identity", "audit", "secrets", "quota", "dispatcher", "session_runner", "mcp_proxy")
+
+
+def event_subject(event_type: str) -> str:
+    """`identity.user_registered` -> `events.identity.user_registered`."""
+    return f"{EVENTS_PREFIX}.{event_type}"
+
+
+def service_events(service: str) -> str:
+    """Every event one service publishes: `events.identity.>`."""
+    return f"{EVENTS_PREFIX}.{service}.>"
+
+
+def command(service: str, verb: str) -> str:
+    """Request/reply subject of a command: `cmd.identity.create_user`."""
+    return f"cmd.{service}.{verb}"
+
+
+def ping(service: str) -> str:
+    return command(service, "ping")
+
+
+# Builds (contracts/commands/builds.py): a work queue, a log stream, live status, heartbeats.
+BUILDS_STREAM: Final = "GATEHOUSE_BUILDS"  # work-queue retention: an order is removed once acked
+BUILD_QUEUE: Final = "builds.queue"
+BUILD_CONSUMER: Final = "runners"  # the durable pull consumer every runner node shares
+BUILD_LOGS_STREAM: Final = "GATEHOUSE_BUILD_LOGS"  # captures `builds.*.log`
+BUILD_HEARTBEATS: Final = "gatehouse_build_heartbeats"  # KV bucket with a TTL
+
+
+def build_log(build_id: str) -> str:
+    return f"builds.{build_id}.log"
+
+
+def build_status(build_id: str) -> str:
+    return f"builds.{build_id}.status"
+
+
+def build_live(build_id: str) -> str:
+    """Both live subjects of one build."""
+    return f"builds.{build_id}.*"

@@ -1,0 +1,1 @@
+"""Gatehouse services: one package per service, plus `kit` (the thin runtime they share)."""

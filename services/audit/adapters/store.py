@@ -1,0 +1,200 @@
+"""The trail in PostgreSQL, schema `audit`: entries, and the head of each org's chain.
+
+Writes run on the projection consumer's connection, inside its transaction, so an entry,
+its chain head and the stream position commit together. Reads use a pool of their own.
+"""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg.sql import SQL, Composable, Composed, Identifier
+from psycopg_pool import AsyncConnectionPool
+
+from contracts.commands.audit import AuditFilter
+from contracts.envelope import Actor
+from services.audit.adapters.schema import create_tables
+from services.audit.domain import Entry, Head, Scope, genesis
+
+Conn = psycopg.AsyncConnection[Any]
+_COLUMNS = (
+    "id, org_id, seq, stream_seq, at, actor_kind, actor_id, actor_key_id, actor_ip, "
+    "actor_user_agent, subject_user_id, action, resource_type, resource_id, outcome, metadata, "
+    "correlation_id, trace_id, prev_hash, hash"
+)
+_encoder = msgspec.json.Encoder()
+
+
+class AuditStore:
+    def __init__(self, database_url: str, schema: str = "audit", pool_size: int = 8) -> None:
+        self.database_url, self.schema, self.pool_size = database_url, schema, pool_size
+        self._pool: AsyncConnectionPool[Conn] | None = None
+
+    def _sql(self, text: str, **parts: Composable) -> Composed:
+        return SQL(text).format(s=Identifier(self.schema), cols=SQL(_COLUMNS), **parts)
+
+    # -- lifecycle (a host component) -----------------------------------------------------
+    async def start(self) -> None:
+        connect = psycopg.AsyncConnection.connect(self.database_url, connect_timeout=5)
+        async with await connect as conn:
+            await create_tables(conn, self.schema)
+        self._pool = AsyncConnectionPool(
+            self.database_url,
+            min_size=1,
+            max_size=self.pool_size,
+            open=False,
+            kwargs={"connect_timeout": 5},
+        )
+        await self._pool.open(wait=True, timeout=10)
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[Conn]:
+        if self._pool is None:
+            raise RuntimeError("the audit store is not started")
+        return self._pool
+
+    # -- writes, on the projection's connection -------------------------------------------
+    async def head(self, conn: Conn, org_id: str) -> Head:
+        cur = await conn.execute(
+            self._sql("SELECT seq, hash FROM {s}.chain_heads WHERE org_id = %s FOR UPDATE"),
+            [org_id],
+        )
+        row = await cur.fetchone()
+        return Head(org_id, int(row[0]), str(row[1])) if row else genesis(org_id)
+
+    async def append(self, conn: Conn, entry: Entry) -> bool:
+        """Adds a sealed entry and moves its chain's head, in one round trip.
+
+        False when an entry with this id exists (the same event published twice): then
+        neither the entries nor the head change.
+        """
+        a = entry.actor
+        cur = await conn.execute(
+            self._sql(
+                "WITH added AS (INSERT INTO {s}.entries ({cols}) VALUES (%s, %s, %s, %s, %s, %s, "
+                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s) "
+                "ON CONFLICT (id) DO NOTHING RETURNING org_id, seq, hash) "
+                "INSERT INTO {s}.chain_heads (org_id, seq, hash) "
+                "SELECT org_id, seq, hash FROM added "
+                "ON CONFLICT (org_id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash"
+            ),
+            [
+                entry.id,
+                entry.org_id,
+                entry.seq,
+                entry.stream_seq,
+                entry.at,
+                a.kind,
+                a.id,
+                a.key_id,
+                a.ip,
+                a.user_agent,
+                entry.subject_user_id,
+                entry.action,
+                entry.resource_type,
+                entry.resource_id,
+                entry.outcome,
+                _encoder.encode(entry.metadata).decode(),
+                entry.correlation_id,
+                entry.trace_id,
+                entry.prev_hash,
+                entry.hash,
+            ],
+        )
+        return cur.rowcount == 1
+
+    async def last_at(self, conn: Conn) -> datetime | None:
+        """When the newest entry happened: the best date for a message with none of its own."""
+        cur = await conn.execute(self._sql("SELECT at FROM {s}.entries ORDER BY stream_seq DESC LIMIT 1"))
+        row = await cur.fetchone()
+        return _utc(row[0]) if row else None
+
+    async def reset(self, conn: Conn) -> None:
+        await conn.execute(self._sql("TRUNCATE {s}.entries, {s}.chain_heads"))
+
+    # -- reads, on the pool ---------------------------------------------------------------
+    async def page(self, scope: Scope, where: AuditFilter, below_seq: int | None, limit: int) -> list[Entry]:
+        """Entries of `scope` matching `where`, newest (highest seq) first."""
+        clauses: list[Composable] = [SQL("org_id = %s")]
+        params: list[Any] = [scope.org_id]
+        if scope.user_id is not None:
+            clauses.append(SQL("(actor_id = %s OR subject_user_id = %s)"))
+            params += [scope.user_id, scope.user_id]
+        for clause, value in (
+            ("action = %s", where.action),
+            ("actor_id = %s", where.actor),
+            ("resource_type = %s", where.resource_type),
+            ("resource_id = %s", where.resource_id),
+            ("outcome = %s", where.outcome),
+            ("at >= %s", where.since),
+            ("at < %s", where.until),
+            ("seq < %s", below_seq),
+        ):
+            if value is not None:
+                clauses.append(SQL(clause))  # clause: one of the literals above
+                params.append(value)
+        query = self._sql(
+            "SELECT {cols} FROM {s}.entries WHERE {where} ORDER BY seq DESC LIMIT %s",
+            where=SQL(" AND ").join(clauses),
+        )
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(query, [*params, limit])
+            return [_entry(row) for row in await cur.fetchall()]
+
+    async def summary(self) -> tuple[list[Head], int, int]:
+        """(chain heads, entry count, newest stream seq), read in one snapshot."""
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(
+                self._sql(
+                    "SELECT h.org_id, h.seq, h.hash, t.n, t.top FROM "
+                    "(SELECT count(*) AS n, coalesce(max(stream_seq), 0) AS top "
+                    "FROM {s}.entries) t LEFT JOIN {s}.chain_heads h ON true"
+                )
+            )
+            rows = await cur.fetchall()
+        heads = [Head(str(r[0]), int(r[1]), str(r[2])) for r in rows if r[0] is not None]
+        return heads, int(rows[0][3]), int(rows[0][4])
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[tuple[list[Head], AsyncIterator[Entry]]]:
+        """The chain heads, and every entry streamed in (org, seq) order, as of one moment."""
+        async with self.pool.connection() as conn, conn.transaction():
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            cur = await conn.execute(self._sql("SELECT org_id, seq, hash FROM {s}.chain_heads"))
+            heads = [Head(str(r[0]), int(r[1]), str(r[2])) for r in await cur.fetchall()]
+            async with conn.cursor(name="audit_walk") as entries:
+                await entries.execute(self._sql("SELECT {cols} FROM {s}.entries ORDER BY org_id, seq"))
+                yield heads, (_entry(row) async for row in entries)
+
+
+def _utc(at: datetime) -> datetime:
+    return at.astimezone(UTC)
+
+
+def _entry(row: Any) -> Entry:
+    return Entry(
+        id=row[0],
+        org_id=row[1],
+        seq=row[2],
+        stream_seq=row[3],
+        at=_utc(row[4]),
+        actor=Actor(kind=row[5], id=row[6], key_id=row[7], ip=row[8], user_agent=row[9]),
+        subject_user_id=row[10],
+        action=row[11],
+        resource_type=row[12],
+        resource_id=row[13],
+        outcome=row[14],
+        metadata=row[15],
+        correlation_id=row[16],
+        trace_id=row[17],
+        prev_hash=row[18],
+        hash=row[19],
+    )

@@ -1,0 +1,46 @@
+"""Composition root: the audit trail's store, its projection of the stream, its commands."""
+
+import hashlib
+import hmac
+
+from contracts.subjects import ALL_EVENTS
+from services.audit.adapters.commands import routes
+from services.audit.adapters.store import AuditStore
+from services.audit.application import Audit
+from services.kit.bus import Bus
+from services.kit.config import Settings
+from services.kit.host import Component, add_ping
+from services.kit.projection import ProjectionConsumer
+from services.kit.rpc import CommandServer
+
+SCHEMA = "audit"
+
+
+def cursor_key(settings: Settings) -> bytes:
+    """Shared by every instance so any of them continues a page another one started.
+
+    Without a pepper the key is public: cursors still catch garbling, and forging one gains
+    nothing because every page re-applies the reader's scope.
+    """
+    label = b"gatehouse audit cursor v1"
+    if settings.key_pepper:
+        return hmac.new(settings.key_pepper, label, hashlib.sha256).digest()
+    return hashlib.sha256(label).digest()
+
+
+async def build(bus: Bus, settings: Settings) -> list[Component]:
+    url = settings.require_database()
+    store = AuditStore(url, SCHEMA)  # started first: it creates the schema the consumer needs
+    audit = Audit(store, cursor_key(settings))
+    projection = ProjectionConsumer(
+        bus=bus,
+        database_url=url,
+        schema=SCHEMA,
+        name="audit",
+        filter_subject=ALL_EVENTS,
+        apply=audit.apply,
+    )
+    server = CommandServer(bus, "audit")
+    add_ping(server, settings)
+    routes(server, audit, projection)
+    return [store, projection, server]

@@ -1,0 +1,1 @@
+"""dispatcher: accepts builds, queues them for runner nodes, and owns their lifecycle."""

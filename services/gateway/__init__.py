@@ -1,0 +1,1 @@
+"""gateway: the only public HTTP surface (Litestar), and later the MCP endpoint."""

@@ -1,0 +1,4 @@
+from services.gateway.bootstrap import main
+
+if __name__ == "__main__":
+    main()

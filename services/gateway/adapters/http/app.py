@@ -1,0 +1,76 @@
+"""Assembles the Litestar application: routes, auth, problem details, OpenAPI, tracing."""
+
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+
+from services.gateway.adapters.http import (
+    admin,
+    audit,
+    builds,
+    health,
+    keys,
+    mcp_endpoint,
+    mcp_rest,
+    mcp_sse,
+    quota,
+    secrets,
+)
+from services.gateway.adapters.http.auth import AuthMiddleware
+from services.gateway.adapters.http.mcp_asgi import NO_HTTP_SPAN_PATHS
+from services.gateway.adapters.http.problems import HANDLERS
+from services.gateway.adapters.identity_feed import IdentityFeed
+from services.gateway.adapters.mcp_face import McpFace
+from services.gateway.application import Gateway
+
+
+def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Litestar:
+    openapi = OpenAPIConfig(
+        title="Gatehouse",
+        version="1.0.0",
+        path="/schema",
+        components=Components(
+            security_schemes={
+                "bearer": SecurityScheme(type="http", scheme="bearer", description="mcp_… API key"),
+                "apiKeyHeader": SecurityScheme(
+                    type="apiKey", name="X-MCP-API-Key", security_scheme_in="header"
+                ),
+            }
+        ),
+        security=[{"bearer": []}, {"apiKeyHeader": []}],
+    )
+    app = Litestar(
+        route_handlers=[
+            health.health,
+            health.ready,
+            keys.me,
+            keys.KeysController,
+            admin.AdminUsersController,
+            audit.audit,
+            quota.quota,
+            secrets.SecretsController,
+            secrets.OrgSecretsController,
+            *mcp_rest.HANDLERS,
+            *mcp_endpoint.HANDLERS,
+            *mcp_sse.HANDLERS,
+            *builds.HANDLERS,
+        ],
+        middleware=[AuthMiddleware(gateway)],
+        # W3C trace context from the caller (or a new trace) follows the request onto NATS.
+        # The MCP transports join the caller's trace themselves (mcp_asgi.continue_trace).
+        plugins=[
+            OpenTelemetryPlugin(
+                OpenTelemetryConfig(exclude_spans=["receive", "send"], exclude=NO_HTTP_SPAN_PATHS)
+            )
+        ],
+        exception_handlers=HANDLERS,  # type: ignore[arg-type]
+        openapi_config=openapi,
+        request_max_body_size=max_body_bytes,
+        debug=False,
+        logging_config=None,  # the kit's JSON logging stays in charge
+    )
+    app.state.gateway = gateway
+    app.state.feed = feed
+    app.state.mcp = McpFace(gateway)
+    return app

@@ -1,0 +1,81 @@
+"""Authentication of every request but /health, /ready and the schema, in memory.
+
+Accepted: `Authorization: Bearer mcp_…` or `X-MCP-API-Key: mcp_…`. The `?api_key=` query
+form is accepted only on /sse (old MCP clients cannot set headers there).
+"""
+
+from typing import Any
+from urllib.parse import parse_qs
+
+from litestar.enums import ScopeType
+from litestar.exceptions import NotAuthorizedException, ServiceUnavailableException
+from litestar.middleware import ASGIMiddleware
+from litestar.types import ASGIApp, Receive, Scope, Send
+
+from services.gateway.application import Gateway
+from services.gateway.domain import Principal
+
+PUBLIC = ("^/health$", "^/ready$", "^/schema")
+QUERY_KEY_PATHS = ("/sse",)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def presented_key(scope: Scope) -> str:
+    """The key from the request, or NotAuthorizedException saying what is wrong with it."""
+    authorization = _header(scope, b"authorization")
+    if authorization is not None:
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            if scheme.startswith("mcp_"):
+                raise NotAuthorizedException("Send the key as `Authorization: Bearer mcp_…`.")
+            raise NotAuthorizedException("Only Bearer authorization is accepted.")
+        if not token.strip():
+            raise NotAuthorizedException("The Bearer token is empty.")
+        return token.strip()
+    header_key = _header(scope, b"x-mcp-api-key")
+    if header_key is not None:
+        return header_key.strip()
+    query = scope.get("query_string", b"")
+    if b"api_key=" in query:
+        if scope["path"] not in QUERY_KEY_PATHS:
+            raise NotAuthorizedException("The `api_key` query parameter is accepted only on /sse.")
+        values = parse_qs(query.decode("latin-1")).get("api_key")
+        if values:
+            return values[0]
+    raise NotAuthorizedException(
+        "Missing API key: send `Authorization: Bearer mcp_…` or `X-MCP-API-Key: mcp_…`."
+    )
+
+
+OWN_AUTH = "authenticates_itself"  # route option: the handler checks credentials itself
+
+
+class AuthMiddleware(ASGIMiddleware):
+    scopes = (ScopeType.HTTP,)
+    exclude_path_pattern = PUBLIC
+    exclude_opt_key = OWN_AUTH  # POST /messages: the legacy SSE session stands in for the key
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send, next_app: ASGIApp) -> None:
+        if not self.gateway.view_ready.is_set():
+            # Until the key view has replayed every identity event, a revoked key could look valid.
+            raise ServiceUnavailableException("The gateway is still loading API keys; try again shortly.")
+        result = self.gateway.authenticate(presented_key(scope))
+        if not isinstance(result, Principal):
+            raise NotAuthorizedException(result.value)
+        scope["user"] = result
+        await self.gateway.note_use(result)
+        await next_app(scope, receive, send)
+
+
+def client_ip(scope: Scope) -> str | None:
+    client: Any = scope.get("client")
+    return client[0] if client else None

@@ -1,0 +1,239 @@
+"""`/mcp` and `/servers/{name}/mcp`: the Streamable HTTP transport, both protocol eras.
+
+A POST is routed by what it carries:
+- `initialize` starts a handshake-era session (2025-11-25, 2025-06-18, 2025-03-26, 2024-11-05):
+  the answer carries `Mcp-Session-Id`, which every later request must send back;
+- `MCP-Protocol-Version: 2026-07-28` (or an `Mcp-Method` header without a session) is the
+  stateless era: no session, the routing headers must match the body;
+- anything else needs a live session of this caller on this endpoint (else 404, or 400
+  when no session id was sent at all).
+`DELETE` ends a session; `GET` is 405 (no server-initiated stream is offered).
+"""
+
+import asyncio
+from typing import Any
+
+from litestar import asgi
+from litestar.types import Receive, Scope, Send
+
+from contracts.commands.mcp import ListServers, ServerList
+from services.gateway.adapters.http import mcp_asgi as io
+from services.gateway.adapters.http.auth import client_ip
+from services.gateway.adapters.mcp_face import McpFace
+from services.gateway.adapters.mcp_sessions import McpSession, SessionStoreDown
+from services.gateway.domain import Principal
+from services.gateway.mcp import protocol as p
+from services.gateway.mcp.exchange import Context, caller_of
+from services.kit import telemetry
+from services.kit.rpc import CommandFailed
+
+_SESSION_NOT_FOUND = "Session not found: it expired or was ended. Send initialize to start a new one."
+
+
+@asgi("/mcp", copy_scope=False)
+async def mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    await serve(scope, receive, send, None)
+
+
+# A mount, not "/servers/{name}/mcp": Litestar 2.25 cannot route path parameters to ASGI
+# handlers (KeyError on the HTTP method), so the rest of the path is parsed here.
+@asgi("/servers", is_mount=True, copy_scope=False)
+async def server_mcp_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    parts = scope["path"].strip("/").split("/")
+    if len(parts) != 2 or parts[1] != "mcp" or not parts[0]:
+        return await io.reject(send, 404, p.INVALID_REQUEST, "No such endpoint: use /servers/{name}/mcp.")
+    await serve(scope, receive, send, parts[0])
+
+
+async def serve(scope: Scope, receive: Receive, send: Send, server: str | None) -> None:
+    face = io.face_of(scope)
+    headers = io.header_map(scope)
+    if await io.forbidden_origin(face, headers, send):
+        return
+    method = io.method_of(scope)
+    token = io.continue_trace(headers)
+    try:
+        if method == "POST":
+            await _post(face, scope, receive, send, headers, server)
+        elif method == "DELETE":
+            await _delete(face, scope, send, headers, server)
+        else:
+            await io.not_allowed(send, b"POST, DELETE")
+    except io.ClientGone:
+        return
+    except SessionStoreDown:
+        text = "MCP sessions are unavailable for a moment (message bus unreachable); try again shortly."
+        await io.reject(send, 503, p.INTERNAL_ERROR, text)
+    finally:
+        if token is not None:
+            telemetry.detach(token)
+
+
+async def _post(
+    face: McpFace, scope: Scope, receive: Receive, send: Send, headers: dict[bytes, bytes], server: str | None
+) -> None:
+    version = io.text(headers.get(b"mcp-protocol-version"))
+    if version is not None and version not in p.SUPPORTED_VERSIONS:
+        err = p.unsupported_version(version)
+        return await io.reject(send, 400, err.code, err.message, data=err.data)
+    body = await io.read_body(receive, face.max_body_bytes)
+    if body is None:
+        return await io.reject(
+            send, 413, p.INVALID_REQUEST, "The request body is larger than this server accepts."
+        )
+    try:
+        message = p.decode_message(body)
+    except p.ProtocolError as err:
+        return await io.reject(send, 400, err.code, err.message)
+    id_json = p.encode_id(message.id)
+    method_header = io.text(headers.get(b"mcp-method"))
+    if method_header is not None and message.method is not None and method_header != message.method:
+        text = f"Header mismatch: Mcp-Method {method_header!r} is not the body's method {message.method!r}."
+        return await io.reject(send, 400, p.HEADER_MISMATCH, text, id_json)
+    await face.ready()
+    principal: Principal = scope["user"]
+    session_id = io.text(headers.get(b"mcp-session-id"))
+    if message.method == "initialize":
+        return await _initialize(face, scope, send, message, principal, server)
+    if version in p.MODERN_VERSIONS or (version is None and method_header is not None and session_id is None):
+        return await _stateless(face, scope, receive, send, headers, message, principal, server, version)
+    if session_id is None:
+        text = "Missing Mcp-Session-Id: send initialize first (or use the stateless protocol, 2026-07-28)."
+        return await io.reject(send, 400, p.INVALID_REQUEST, text, id_json)
+    session = await face.sessions.get(session_id)
+    if not _belongs(session, principal, server, "streamable"):
+        return await io.reject(send, 404, p.INVALID_REQUEST, _SESSION_NOT_FOUND, id_json)
+    ctx = _context(scope, headers, principal, server, modern=False, version=version)
+    ctx.session_id = session_id
+    if message.is_request:
+        status, answer = await face.exchange.request(ctx, message)
+        return await io.respond(send, status, answer)
+    if message.is_notification:
+        await face.exchange.notification(ctx, message)
+    await io.respond(send, 202)  # notifications and responses: accepted, no body
+
+
+async def _stateless(
+    face: McpFace,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    headers: dict[bytes, bytes],
+    message: p.Message,
+    principal: Principal,
+    server: str | None,
+    version: str | None,
+) -> None:
+    id_json = p.encode_id(message.id)
+    if message.is_notification:
+        return await io.respond(send, 202)  # no client notifications in this era: accepted, dropped
+    if not message.is_request:
+        return await io.reject(
+            send, 400, p.INVALID_REQUEST, "Clients must not send JSON-RPC responses.", id_json
+        )
+    if version is None:
+        text = "Header mismatch: the stateless protocol needs an MCP-Protocol-Version header (2026-07-28)."
+        return await io.reject(send, 400, p.HEADER_MISMATCH, text, id_json)
+    if headers.get(b"mcp-method") is None:
+        text = f"Header mismatch: the Mcp-Method header is required (here {message.method!r})."
+        return await io.reject(send, 400, p.HEADER_MISMATCH, text, id_json)
+    ctx = _context(scope, headers, principal, server, modern=True, version=version)
+    if message.method != "tools/call":
+        status, answer = await face.exchange.request(ctx, message)
+        return await io.respond(send, status, answer)
+    # Closing the response is how a 2026-07-28 client cancels a call.
+    watcher = asyncio.ensure_future(io.disconnected(receive))
+    watcher.add_done_callback(lambda task: _abandon(face, ctx, task))
+    try:
+        status, answer = await face.exchange.request(ctx, message)
+    finally:
+        watcher.cancel()
+    await io.respond(send, status, answer)
+
+
+def _abandon(face: McpFace, ctx: Context, watcher: "asyncio.Future[None]") -> None:
+    if not watcher.cancelled() and ctx.started is not None:
+        face.spawn(face.exchange.abandon(ctx.started))
+
+
+async def _initialize(
+    face: McpFace, scope: Scope, send: Send, message: p.Message, principal: Principal, server: str | None
+) -> None:
+    id_json = p.encode_id(message.id)
+    if not message.is_request:
+        return await io.reject(send, 400, p.INVALID_REQUEST, "initialize must be a request (with an id).")
+    try:
+        params: p.InitializeParams = p.decode_params(message.params, p.InitializeParams)
+        if server is not None:
+            await _require_server(face, scope, principal, server)
+    except p.ProtocolError as err:
+        status = 404 if err.code == p.INVALID_PARAMS and server is not None else 400
+        return await io.reject(send, status, err.code, err.message, id_json)
+    version = p.negotiate(params.protocolVersion)
+    session = McpSession(
+        user_id=principal.user_id, key_id=principal.key_id, protocol_version=version, server=server
+    )
+    session_id = await face.sessions.create(session)
+    answer = p.result(id_json, p.initialize_result(version))
+    await io.respond(send, 200, answer, [(b"mcp-session-id", session_id.encode())])
+
+
+async def _require_server(face: McpFace, scope: Scope, principal: Principal, server: str) -> None:
+    ctx = _context(scope, {}, principal, server, modern=False, version=None)
+    try:
+        listed = await face.gateway.client.call(
+            "mcp_proxy", "list_servers", ListServers(meta=ctx.meta(), caller=caller_of(principal)), ServerList
+        )
+    except CommandFailed as refused:
+        raise p.ProtocolError(p.INTERNAL_ERROR, refused.problem.detail) from None
+    if all(s.name != server for s in listed.servers):
+        raise p.ProtocolError(p.INVALID_PARAMS, f"No MCP server named {server!r} is registered for you.")
+
+
+async def _delete(
+    face: McpFace, scope: Scope, send: Send, headers: dict[bytes, bytes], server: str | None
+) -> None:
+    session_id = io.text(headers.get(b"mcp-session-id"))
+    if session_id is None:
+        return await io.reject(
+            send, 400, p.INVALID_REQUEST, "DELETE needs the Mcp-Session-Id header of a session."
+        )
+    await face.ready()
+    session = await face.sessions.get(session_id)
+    if not _belongs(session, scope["user"], server, "streamable"):
+        return await io.reject(send, 404, p.INVALID_REQUEST, _SESSION_NOT_FOUND)
+    await face.sessions.end(session_id)
+    await io.respond(send, 204)
+
+
+def _belongs(session: McpSession | None, principal: Principal, server: str | None, transport: str) -> bool:
+    """Another user's session, or one of another endpoint, is reported as not found."""
+    return (
+        session is not None
+        and session.user_id == principal.user_id
+        and session.server == server
+        and session.transport == transport
+    )
+
+
+def _context(
+    scope: Scope,
+    headers: dict[bytes, bytes],
+    principal: Principal,
+    server: str | None,
+    modern: bool,
+    version: str | None,
+) -> Context:
+    user_agent: Any = headers.get(b"user-agent")
+    return Context(
+        principal=principal,
+        scope=server,
+        modern=modern,
+        version=version,
+        name_header=io.text(headers.get(b"mcp-name")),
+        ip=client_ip(scope),
+        user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
+    )
+
+
+HANDLERS = [mcp_endpoint, server_mcp_endpoint]

@@ -1,0 +1,194 @@
+"""`GET /sse` + `POST /messages`: the legacy HTTP+SSE transport (protocol 2024-11-05) for
+older clients.
+
+`GET /sse` (key in a header, or `?api_key=`) opens a stream whose first event is `endpoint`
+with `/messages?session_id=<id>`. Each POST there is answered `202 Accepted`; its JSON-RPC
+response arrives as a `message` event on the stream. The stream is held by one replica; a
+POST that lands on another is answered there and relayed over NATS (`mcp.sse.<id>`).
+
+A POST may carry the key again; if it does not (clients that put `?api_key=` on the SSE
+URL cannot), the unguessable session id stands in for it, and the key that opened the
+stream must still be valid (a revoked key ends the session's use at once).
+"""
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Final
+from urllib.parse import parse_qs
+
+from litestar import asgi
+from litestar.exceptions import NotAuthorizedException
+from litestar.types import Receive, Scope, Send
+
+from services.gateway.adapters.http import mcp_asgi as io
+from services.gateway.adapters.http.auth import OWN_AUTH, client_ip, presented_key
+from services.gateway.adapters.mcp_face import McpFace
+from services.gateway.adapters.mcp_sessions import McpSession, SessionStoreDown
+from services.gateway.domain import Principal
+from services.gateway.mcp import protocol as p
+from services.gateway.mcp.exchange import Context
+
+KEEPALIVE_S: Final = 15.0
+_SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def event(kind: bytes, data: bytes) -> bytes:
+    if b"\n" in data or b"\r" in data:  # JSON whitespace only (newlines in strings are escaped)
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return b"event: " + kind + b"\r\n" + b"".join(b"data: " + line + b"\r\n" for line in lines) + b"\r\n"
+    return b"event: " + kind + b"\r\ndata: " + data + b"\r\n\r\n"
+
+
+@asgi("/sse", copy_scope=False)
+async def sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
+    face = io.face_of(scope)
+    if await io.forbidden_origin(face, io.header_map(scope), send):
+        return
+    if io.method_of(scope) != "GET":
+        return await io.not_allowed(send, b"GET")
+    await face.ready()
+    principal: Principal = scope["user"]
+    session = McpSession(
+        user_id=principal.user_id,
+        key_id=principal.key_id,
+        protocol_version=p.LATEST_HANDSHAKE,
+        server=None,
+        transport="sse",
+    )
+    session_id = await face.sessions.create(session)
+    try:
+        async with face.relay.stream(session_id) as queue:
+            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            endpoint = b"/messages?session_id=" + session_id.encode()
+            await send(
+                {"type": "http.response.body", "body": event(b"endpoint", endpoint), "more_body": True}
+            )
+            await _pump(queue, receive, send, lambda: face.sessions.get(session_id))
+    finally:
+        await face.sessions.end(session_id)
+    try:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except OSError:
+        pass
+
+
+async def _pump(
+    queue: "asyncio.Queue[bytes]", receive: Receive, send: Send, keep_alive: Callable[[], Awaitable[object]]
+) -> None:
+    """Writes the stream's messages until the client goes away; keeps the session alive meanwhile."""
+    gone = asyncio.ensure_future(io.disconnected(receive))
+    try:
+        while True:
+            item = asyncio.ensure_future(queue.get())
+            done, _ = await asyncio.wait(
+                {item, gone}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            if item in done:
+                chunk = event(b"message", item.result())
+            else:
+                item.cancel()
+                if gone in done:
+                    return
+                chunk = b": keepalive\r\n\r\n"
+                with contextlib.suppress(SessionStoreDown):
+                    await keep_alive()  # renews the session's TTL while the stream is open
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except OSError:  # the client went away mid-write
+        return
+    finally:
+        gone.cancel()
+
+
+@asgi("/messages", copy_scope=False, opt={OWN_AUTH: True})
+async def sse_message(scope: Scope, receive: Receive, send: Send) -> None:
+    face = io.face_of(scope)
+    headers = io.header_map(scope)
+    if await io.forbidden_origin(face, headers, send):
+        return
+    if io.method_of(scope) != "POST":
+        return await io.not_allowed(send, b"POST")
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    session_id = next(iter(query.get("session_id") or query.get("sessionId") or ()), None)
+    if not session_id:
+        return await io.reject(send, 400, p.INVALID_REQUEST, "The session_id query parameter is missing.")
+    await face.ready()
+    try:
+        session = await face.sessions.get(session_id)
+    except SessionStoreDown:
+        text = "MCP sessions are unavailable for a moment (message bus unreachable); try again shortly."
+        return await io.reject(send, 503, p.INTERNAL_ERROR, text)
+    if session is None or session.transport != "sse":
+        return await io.reject(
+            send, 404, p.INVALID_REQUEST, "Unknown or ended SSE session: open GET /sse again."
+        )
+    principal = _principal(face, scope, headers, session)
+    if principal.user_id != session.user_id:
+        return await io.reject(
+            send, 404, p.INVALID_REQUEST, "Unknown or ended SSE session: open GET /sse again."
+        )
+    await face.gateway.note_use(principal)
+    try:
+        body = await io.read_body(receive, face.max_body_bytes)
+    except io.ClientGone:
+        return
+    if body is None:
+        return await io.reject(
+            send, 413, p.INVALID_REQUEST, "The request body is larger than this server accepts."
+        )
+    try:
+        message = p.decode_message(body)
+    except p.ProtocolError as err:
+        return await io.reject(send, 400, err.code, err.message)
+    user_agent = headers.get(b"user-agent")
+    ctx = Context(
+        principal=principal,
+        session_id=session_id,
+        ip=client_ip(scope),
+        user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
+    )
+    await io.respond(send, 202)
+    if message.is_request:
+        face.spawn(_answer(face, ctx, message))
+    elif message.is_notification:
+        face.spawn(face.exchange.notification(ctx, message))
+
+
+async def _answer(face: McpFace, ctx: Context, message: p.Message) -> None:
+    assert ctx.session_id is not None
+    if message.method == "initialize":
+        try:
+            params: p.InitializeParams = p.decode_params(message.params, p.InitializeParams)
+        except p.ProtocolError as err:
+            answer = p.error(p.encode_id(message.id), err.code, err.message)
+        else:
+            answer = p.result(
+                p.encode_id(message.id), p.initialize_result(p.negotiate(params.protocolVersion))
+            )
+    else:
+        _, answer = await face.exchange.request(ctx, message)
+    await face.relay.deliver(ctx.session_id, answer)
+
+
+def _principal(face: McpFace, scope: Scope, headers: dict[bytes, bytes], session: McpSession) -> Principal:
+    gateway = face.gateway
+    if (
+        b"authorization" in headers
+        or b"x-mcp-api-key" in headers
+        or b"api_key=" in scope.get("query_string", b"")
+    ):
+        result = gateway.authenticate(presented_key(scope))
+    else:
+        result = gateway.view.principal_of_key(session.key_id, datetime.now(UTC))
+    if not isinstance(result, Principal):
+        raise NotAuthorizedException(result.value)
+    scope["user"] = result
+    return result
+
+
+HANDLERS = [sse_stream, sse_message]

@@ -1,0 +1,254 @@
+"""Answers one JSON-RPC message from an MCP client, on behalf of the authenticated caller.
+
+Shared by every transport (Streamable HTTP in both protocol eras, legacy HTTP+SSE). Tool
+calls go to mcp_proxy (`cmd.mcp_proxy.call`) and its answer is mapped onto MCP:
+
+| mcp_proxy says                          | the MCP client gets                                  |
+|-----------------------------------------|------------------------------------------------------|
+| outcome with `result`                   | that CallToolResult, byte for byte (`isError` too)   |
+| outcome `timeout`                       | a result with `isError: true` saying it timed out    |
+| outcome with `error_code`               | a JSON-RPC error with that code and message          |
+| outcome `error`, no code, no result     | a result with `isError: true` carrying the sentence  |
+| refusal 429 (quota)                     | a result with `isError: true` carrying the sentence  |
+| refusal 400/403/404/409                 | JSON-RPC error -32602 with the sentence              |
+| refusal 5xx / not answering             | JSON-RPC error -32603 with the sentence              |
+"""
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+
+import msgspec
+
+from contracts.commands.common import CommandMeta, Problem
+from contracts.commands.mcp import Caller, CallTool, CancelCall
+from services.gateway.application import Gateway
+from services.gateway.domain import Principal
+from services.gateway.mcp import naming
+from services.gateway.mcp import protocol as p
+from services.gateway.mcp.directory import ToolDirectory
+from services.gateway.mcp.replies import CallOutcomeReply, present
+from services.kit.rpc import CommandFailed
+
+PAGE_SIZE: Final = 100
+# mcp_proxy enforces each server's own `timeout_s` (at most 300 s, see the REST schema) and
+# answers "timeout"; this bound only guards against a reply lost with a crashed proxy.
+CALL_TIMEOUT_S: Final = 330.0
+_EMPTY_OBJECT: Final = msgspec.Raw(b"{}")
+
+
+class CancelNotice(msgspec.Struct):
+    """A client cancelled a call: which session, whose, and the call's JSON-RPC id as JSON."""
+
+    session_id: str
+    user_id: str
+    request: str  # `7` and `"7"` are different ids
+
+
+def caller_of(principal: Principal) -> Caller:
+    return Caller(
+        user_id=principal.user_id, org_id=principal.org_id, tier=principal.tier, is_admin=principal.is_admin
+    )
+
+
+@dataclass(slots=True)
+class Context:
+    """Who asks, where (`scope`: one server or all), in which era, with which routing headers."""
+
+    principal: Principal
+    scope: str | None = None
+    modern: bool = False
+    session_id: str | None = None  # the MCP session (Streamable HTTP) or SSE stream
+    version: str | None = None  # MCP-Protocol-Version header
+    name_header: str | None = None  # Mcp-Name header, as sent
+    ip: str | None = None
+    user_agent: str | None = None
+    started: tuple[str, Caller] | None = None  # the tool call under way (request id, caller)
+
+    def meta(self) -> CommandMeta:
+        return Gateway.meta(self.principal, self.ip, self.user_agent, None)
+
+
+Method = Callable[[Context, p.Message], Awaitable[bytes]]
+
+
+class Exchange:
+    def __init__(
+        self,
+        gateway: Gateway,
+        directory: ToolDirectory,
+        broadcast_cancel: Callable[[CancelNotice], Awaitable[None]],
+    ) -> None:
+        self.gateway, self.directory, self.broadcast_cancel = gateway, directory, broadcast_cancel
+        self._calls: dict[tuple[str, bytes], tuple[str, Caller]] = {}  # (session, JSON-RPC id)
+        self._methods: dict[str, Method] = {
+            "tools/call": self._call,
+            "tools/list": self._list,
+            "ping": self._empty,
+            "server/discover": self._discover,
+            "logging/setLevel": self._empty,
+            "resources/list": self._none_of(b"resources"),
+            "resources/templates/list": self._none_of(b"resourceTemplates"),
+            "prompts/list": self._none_of(b"prompts"),
+        }
+
+    async def request(self, ctx: Context, message: p.Message) -> tuple[int, bytes]:
+        """(HTTP status, JSON-RPC response) for a request."""
+        id_json = p.encode_id(message.id)
+        method = self._methods.get(message.method or "")
+        try:
+            if method is None:
+                raise p.ProtocolError(
+                    p.METHOD_NOT_FOUND,
+                    f"Method {message.method!r} is not offered here (Gatehouse serves tools).",
+                )
+            body = await method(ctx, message)
+        except p.ProtocolError as err:
+            return p.error_status(err.code, ctx.modern), p.error(id_json, err.code, err.message, err.data)
+        return 200, p.result(id_json, body)
+
+    async def notification(self, ctx: Context, message: p.Message) -> None:
+        if message.method == "notifications/cancelled" and ctx.session_id is not None:
+            try:
+                params = p.decode_params(message.params, p.CancelParams)
+            except p.ProtocolError:
+                return
+            if params.requestId is None:
+                return
+            request = p.encode_id(params.requestId).decode()
+            notice = CancelNotice(ctx.session_id, ctx.principal.user_id, request)
+            if not await self.cancel_here(notice):
+                await self.broadcast_cancel(notice)  # the call may run on another replica
+
+    async def cancel_here(self, notice: CancelNotice) -> bool:
+        """Forwards a cancellation to mcp_proxy if the call runs on this replica."""
+        found = self._calls.get((notice.session_id, notice.request.encode()))
+        if found is None or found[1].user_id != notice.user_id:
+            return False
+        await self.abandon(found)
+        return True
+
+    async def abandon(self, call: tuple[str, Caller] | None) -> None:
+        if call is not None:
+            await self.gateway.client.send(
+                "mcp_proxy", "cancel", CancelCall(caller=call[1], request_id=call[0])
+            )
+
+    # -- methods ---------------------------------------------------------------------------------
+    async def _call(self, ctx: Context, message: p.Message) -> bytes:
+        params: p.CallParams = p.decode_params(message.params, p.CallParams)
+        _check_envelope(ctx, params.meta)
+        if ctx.name_header is not None or ctx.modern:
+            named = p.decode_header_value(ctx.name_header)
+            if named != params.name:
+                raise p.ProtocolError(
+                    p.HEADER_MISMATCH,
+                    f"Header mismatch: Mcp-Name {named!r} is not the body's tool name {params.name!r}.",
+                )
+        arguments = params.arguments if params.arguments and params.arguments != b"null" else _EMPTY_OBJECT
+        if memoryview(arguments)[:1] != b"{":
+            raise p.ProtocolError(p.INVALID_PARAMS, "`arguments` must be a JSON object.")
+        caller = caller_of(ctx.principal)
+        server, tool = await self.directory.resolve(caller, ctx.meta(), ctx.scope, params.name)
+        request_id = str(uuid.uuid4())
+        command = CallTool(
+            meta=ctx.meta(),  # its own: the RPC client stamps each command's deadline on its meta
+            caller=caller,
+            request_id=request_id,
+            server=server,
+            tool=tool,
+            arguments=arguments,
+            progress_token=params.meta.progressToken if params.meta is not None else None,
+        )
+        ctx.started = (request_id, caller)
+        key = (ctx.session_id, p.encode_id(message.id)) if ctx.session_id is not None else None
+        if key is not None:
+            self._calls[key] = ctx.started
+        try:
+            outcome = await self.gateway.client.call(
+                "mcp_proxy", "call", command, CallOutcomeReply, CALL_TIMEOUT_S
+            )
+        except CommandFailed as refused:
+            if refused.problem.status == 429:  # over quota: a sentence the agent can act on
+                return p.tool_error_result(refused.problem.detail, ctx.modern)
+            raise _protocol_error(refused.problem) from None
+        finally:
+            ctx.started = None
+            if key is not None:
+                self._calls.pop(key, None)
+        return _answer(outcome, server, tool, ctx.modern)
+
+    async def _list(self, ctx: Context, message: p.Message) -> bytes:
+        params: p.ListParams = p.decode_params(message.params, p.ListParams)
+        _check_envelope(ctx, params.meta)
+        offset = 0
+        if params.cursor is not None:
+            decoded = naming.decode_cursor(params.cursor)
+            if decoded is None:
+                raise p.ProtocolError(
+                    p.INVALID_PARAMS, "Invalid cursor: use the nextCursor of the last page."
+                )
+            offset = decoded
+        try:
+            catalog = await self.directory.catalog(caller_of(ctx.principal), ctx.meta(), ctx.scope)
+        except CommandFailed as refused:
+            raise _protocol_error(refused.problem) from None
+        if ctx.scope is not None and ctx.scope in catalog.errors:
+            raise p.ProtocolError(
+                p.INTERNAL_ERROR,
+                f"The server {ctx.scope!r} could not list its tools: {catalog.errors[ctx.scope]}",
+            )
+        end = offset + PAGE_SIZE
+        more = naming.encode_cursor(end) if end < len(catalog.tools) else None
+        return p.tools_page(catalog.tools[offset:end], more, ctx.modern)
+
+    async def _discover(self, ctx: Context, message: p.Message) -> bytes:
+        _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
+        return p.DISCOVER_RESULT
+
+    async def _empty(self, ctx: Context, message: p.Message) -> bytes:
+        _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
+        return p.empty_result(ctx.modern)
+
+    def _none_of(self, key: bytes) -> Method:
+        async def none(ctx: Context, message: p.Message) -> bytes:
+            _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
+            return p.empty_list(key, ctx.modern)
+
+        return none
+
+
+def _check_envelope(ctx: Context, meta: p.RequestMeta | None) -> None:
+    """Stateless era: the body's protocol version must be the header's."""
+    if (
+        ctx.modern
+        and meta is not None
+        and meta.protocolVersion is not None
+        and meta.protocolVersion != ctx.version
+    ):
+        raise p.ProtocolError(
+            p.HEADER_MISMATCH,
+            f"Header mismatch: MCP-Protocol-Version {ctx.version!r} does not match the body's "
+            f"_meta protocol version {meta.protocolVersion!r}.",
+        )
+
+
+def _answer(outcome: CallOutcomeReply, server: str, tool: str, modern: bool) -> bytes:
+    if present(outcome.result) and outcome.status != "timeout":
+        return p.as_modern_result(bytes(outcome.result)) if modern else outcome.result  # type: ignore[return-value]
+    if outcome.status == "timeout":
+        detail = outcome.error or ""
+        text = (
+            detail if "timed out" in detail else f"The call to {tool} on {server} timed out. {detail}".strip()
+        )
+        return p.tool_error_result(text, modern)
+    if outcome.error_code is not None:
+        raise p.ProtocolError(outcome.error_code, outcome.error or f"The call to {tool} on {server} failed.")
+    return p.tool_error_result(outcome.error or f"The call to {tool} on {server} failed.", modern)
+
+
+def _protocol_error(problem: Problem) -> p.ProtocolError:
+    if problem.status in (400, 403, 404, 409, 422):
+        return p.ProtocolError(p.INVALID_PARAMS, problem.detail)
+    return p.ProtocolError(p.INTERNAL_ERROR, problem.detail)

@@ -1,0 +1,1 @@
+"""identity: users, orgs, admins and personal MCP API keys."""

@@ -1,0 +1,21 @@
+"""Composition root: wires identity's application to its store, the outbox and the bus."""
+
+from services.identity.adapters.commands import routes
+from services.identity.adapters.outbox import translate
+from services.identity.application import Identity
+from services.kit.bus import Bus
+from services.kit.config import Settings
+from services.kit.eventstore import store_env
+from services.kit.host import Component, add_ping
+from services.kit.outbox import OutboxRelay
+from services.kit.rpc import CommandServer
+
+
+async def build(bus: Bus, settings: Settings) -> list[Component]:
+    app = Identity(pepper=settings.require_pepper(), env=store_env(settings, "identity"))
+    relay = OutboxRelay("identity", app, bus, translate)
+    app.on_saved = relay.nudge
+    server = CommandServer(bus, "identity")
+    add_ping(server, settings)
+    routes(server, app)
+    return [relay, server]

@@ -1,0 +1,65 @@
+"""Each service's eventsourcing application on PostgreSQL, in a schema of its own."""
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+from eventsourcing.persistence import IntegrityError
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.sql import SQL, Identifier
+
+from services.kit.config import Settings
+
+
+def postgres_env(database_url: str, schema: str) -> dict[str, str]:
+    """eventsourcing's POSTGRES_* settings for one service's schema."""
+    parts: dict[str, Any] = conninfo_to_dict(database_url)
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": str(parts.get("dbname", "postgres")),
+        "POSTGRES_HOST": str(parts.get("host", "127.0.0.1")),
+        "POSTGRES_PORT": str(parts.get("port", "5432")),
+        "POSTGRES_USER": str(parts.get("user", "postgres")),
+        # eventsourcing insists on a password setting; empty works with trust auth.
+        "POSTGRES_PASSWORD": str(parts.get("password", "")),
+        "POSTGRES_SCHEMA": schema,
+        "POSTGRES_POOL_SIZE": "4",
+        "POSTGRES_MAX_OVERFLOW": "8",
+        "POSTGRES_CONNECT_TIMEOUT": "5",
+        "POSTGRES_PRE_PING": "y",
+        "CREATE_TABLE": "y",
+    }
+
+
+def ensure_schema(database_url: str, schema: str) -> None:
+    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+
+
+def store_env(settings: Settings, schema: str) -> dict[str, str]:
+    url = settings.require_database()
+    ensure_schema(url, schema)
+    return postgres_env(url, schema)
+
+
+def database_alive(database_url: str) -> bool:
+    try:
+        with psycopg.connect(database_url, connect_timeout=2) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
+T = TypeVar("T")
+
+
+def retrying(decide_and_save: Callable[[], T], attempts: int = 5) -> T:
+    """Load-decide-save again when another writer saved the same aggregate first
+    (optimistic concurrency: eventsourcing raises IntegrityError on a version clash)."""
+    for _ in range(attempts - 1):
+        try:
+            return decide_and_save()
+        except IntegrityError:
+            continue
+    return decide_and_save()

@@ -1,0 +1,165 @@
+"""What the application needs from the outside, as protocols; adapters/ implements them.
+
+`QuotaGate` is the seam for issue 5 (quota): `reserve` runs before anything reaches an
+upstream and may raise `QuotaExceeded` (the gateway answers 429 over HTTP and an
+`isError` tool result over MCP); `commit` runs after a call that reached the upstream,
+`release` after one that did not. The default lets everything through. The monthly ledger
+itself is the quota service's projection of `ToolCallCompleted` events (`reached_upstream`
+says whether to charge); quota plugs in by providing a gate that asks it synchronously.
+"""
+
+from collections.abc import Mapping
+from typing import Protocol
+
+import msgspec
+
+from contracts.commands.mcp import Caller, Tool
+from services.mcp_proxy.domain.pooling import PoolKey
+
+
+# -- secrets --------------------------------------------------------------------------------
+class SecretResolver(Protocol):
+    async def resolve(
+        self, caller: Caller, server: str, names: tuple[str, ...], request_id: str, correlation_id: str
+    ) -> Mapping[str, str]:
+        """Each named secret's value (the caller's own, else their org's).
+
+        Raises MissingSecret for one that is not set or was deleted, and UpstreamUnavailable
+        when the secrets service cannot answer.
+        """
+        ...
+
+
+# -- what each user last saw of each server -------------------------------------------------
+class ServerStatus(msgspec.Struct, frozen=True):
+    status: str  # "ok" | "error"
+    tools_count: int
+    error: str | None = None
+
+
+class StatusBoard(Protocol):
+    async def note(self, user_id: str, server_id: str, status: ServerStatus) -> None: ...
+    async def read(self, user_id: str) -> dict[str, ServerStatus]: ...
+
+
+# -- quota ----------------------------------------------------------------------------------
+class QuotaExceeded(Exception):
+    def __init__(self, detail: str, retry_after_s: int | None = None) -> None:
+        super().__init__(detail)
+        self.detail, self.retry_after_s = detail, retry_after_s
+
+
+class Reservation(msgspec.Struct, frozen=True):
+    request_id: str
+    user_id: str
+
+
+class QuotaGate(Protocol):
+    async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation: ...
+    async def commit(self, reservation: Reservation) -> None: ...
+    async def release(self, reservation: Reservation) -> None: ...
+
+
+class AllowAll:
+    """The default gate until the quota service provides one."""
+
+    async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation:
+        return Reservation(request_id, caller.user_id)
+
+    async def commit(self, reservation: Reservation) -> None:
+        return None
+
+    async def release(self, reservation: Reservation) -> None:
+        return None
+
+
+# -- upstreams ------------------------------------------------------------------------------
+class Target(msgspec.Struct, frozen=True, kw_only=True):
+    """What to start or connect to, with the caller's secrets already injected."""
+
+    key: PoolKey
+    server: str
+    user_id: str
+    org_id: str
+    transport: str
+    command: str | None = None
+    args: tuple[str, ...] = ()
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    url: str | None = None
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """An upstream's answer to tools/call: its CallToolResult as sent, or its JSON-RPC error."""
+
+    result: msgspec.Raw | None
+    is_error: bool = False  # the result says isError: true
+    error: str | None = None  # a JSON-RPC error's message, or the text of an isError result
+    error_code: int | None = None
+    size: int = 0  # bytes of the result as received
+
+
+class UpstreamError(Exception):
+    """The upstream could not answer; `reached` says whether the call may have reached it."""
+
+    code: int = -32004
+    status: str = "error"
+
+    def __init__(self, message: str, reached: bool) -> None:
+        super().__init__(message)
+        self.reached = reached
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Could not be started or connected: the call never reached it."""
+
+    code = -32003
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reached=False)
+
+
+class LimitReached(UpstreamError):
+    code = -32006
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reached=False)
+
+
+class UpstreamFailed(UpstreamError):
+    """Crashed, flooded or broke the protocol while the call was in flight."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reached=True)
+
+
+class UpstreamTimeout(UpstreamError):
+    code = -32005
+    status = "timeout"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, reached=True)
+
+
+class CallCanceled(UpstreamError):
+    code = -32800
+
+    def __init__(self, message: str = "The call was canceled by the client.") -> None:
+        super().__init__(message, reached=True)
+
+
+class Upstream(Protocol):
+    """One live process or session, used by one user."""
+
+    async def tools(self, refresh: bool = False) -> list[Tool]: ...
+    async def call(self, tool: str, arguments: bytes, timeout: float, call_id: str) -> Reply: ...
+    def cancel(self, call_id: str) -> bool: ...
+
+
+class Upstreams(Protocol):
+    """Processes or sessions, pooled by key; `retire` stops whatever serves a server."""
+
+    async def open(self, target: Target) -> Upstream: ...
+    async def retire_server(self, prefix: str, reason: str) -> None: ...
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...

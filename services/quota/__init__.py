@@ -1,0 +1,1 @@
+"""quota: the ledger of tool calls, build slots and upstream servers per user, by tier."""

@@ -1,0 +1,85 @@
+"""The quota service's own settings (`GATEHOUSE_QUOTA_*`), listed in docs/configuration.md.
+
+`GATEHOUSE_QUOTA_TIERS` is JSON that overrides the default limits tier by tier and field
+by field, e.g. `{"free": {"calls": 100}, "team": {"servers": null}}` (null: unlimited).
+"""
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+
+from contracts.commands.identity import TIERS
+from services.kit.config import ConfigError
+from services.quota.domain import DEFAULT_TIERS, Limits, PeriodKind, TierTable
+
+FIELDS = ("calls", "builds", "servers")
+
+
+class QuotaSettings(msgspec.Struct, kw_only=True):
+    tiers: dict[str, Limits]
+    period: PeriodKind
+    reservation_timeout: timedelta
+
+    def table(self) -> TierTable:
+        return TierTable(self.tiers)
+
+
+def _limit(tier: str, field: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(
+            f"GATEHOUSE_QUOTA_TIERS: {tier}.{field} must be a whole number >= 0 or null (unlimited), "
+            f"got {value!r}"
+        )
+    return value
+
+
+def parse_tiers(raw: str | None) -> dict[str, Limits]:
+    tiers = dict(DEFAULT_TIERS)
+    if not raw:
+        return tiers
+    try:
+        overrides = msgspec.json.decode(raw)
+    except msgspec.DecodeError as err:
+        raise ConfigError(f"GATEHOUSE_QUOTA_TIERS is not valid JSON: {err}") from None
+    if not isinstance(overrides, dict):
+        raise ConfigError('GATEHOUSE_QUOTA_TIERS must be a JSON object like {"free": {"calls": 100}}')
+    for tier, fields in overrides.items():
+        if tier not in TIERS:
+            raise ConfigError(f"GATEHOUSE_QUOTA_TIERS: unknown tier {tier!r}; tiers are {', '.join(TIERS)}")
+        if not isinstance(fields, dict):
+            raise ConfigError(f"GATEHOUSE_QUOTA_TIERS: {tier} must be an object with {', '.join(FIELDS)}")
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise ConfigError(
+                f"GATEHOUSE_QUOTA_TIERS: {tier} has unknown field(s) {', '.join(sorted(unknown))}; "
+                f"fields are {', '.join(FIELDS)}"
+            )
+        current = msgspec.structs.asdict(tiers[tier])
+        current.update({f: _limit(tier, f, v) for f, v in fields.items()})
+        tiers[tier] = Limits(**current)
+    return tiers
+
+
+def load_quota_settings(env: dict[str, str] | None = None) -> QuotaSettings:
+    env = dict(os.environ) if env is None else env
+    period = env.get("GATEHOUSE_QUOTA_PERIOD", "month")
+    if period not in ("month", "day"):
+        raise ConfigError(f"GATEHOUSE_QUOTA_PERIOD must be month or day, got {period!r}")
+    raw_timeout = env.get("GATEHOUSE_QUOTA_RESERVATION_TIMEOUT_S", "120")
+    try:
+        timeout = float(raw_timeout)
+    except ValueError:
+        raise ConfigError(
+            f"GATEHOUSE_QUOTA_RESERVATION_TIMEOUT_S must be a number, got {raw_timeout!r}"
+        ) from None
+    if not 0 < timeout <= 86400:
+        raise ConfigError("GATEHOUSE_QUOTA_RESERVATION_TIMEOUT_S must be between 0 and 86400 seconds")
+    return QuotaSettings(
+        tiers=parse_tiers(env.get("GATEHOUSE_QUOTA_TIERS")),
+        period=period,  # type: ignore[arg-type]
+        reservation_timeout=timedelta(seconds=timeout),
+    )

@@ -1,0 +1,1 @@
+"""secrets: users' and orgs' credentials, envelope-encrypted, revealed only for a named use."""

@@ -1,0 +1,1 @@
+"""session_runner: a node agent that runs builds, one worker process each, up to its capacity."""

@@ -1,0 +1,163 @@
+"""The gateway with the real mcp_proxy (and secrets) service, in front of a real upstream: the
+official SDK's MCPServer in tests/upstreams/echo_server.py, started by mcp_proxy over stdio.
+
+The official SDK client talks to the gateway over real HTTP, in both protocol eras, and the
+REST routes drive the same server; a secret the upstream needs is set through the gateway.
+"""
+
+import base64
+import hashlib
+import json
+import os
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import httpx2
+import pytest
+from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
+
+from contracts.commands.identity import CreateUser, UserCreated
+from services.identity.bootstrap import build as identity_build
+from services.kit.rpc import CommandClient
+from services.mcp_proxy.bootstrap import build as proxy_build
+from services.secrets.bootstrap import build as secrets_build
+from tests.helpers import OPERATOR, eventually, running
+from tests.integration.mcp_world import bearer, platform_settings, replica, served
+
+pytestmark = pytest.mark.integration
+
+ECHO = str(Path(__file__).resolve().parents[1] / "upstreams" / "echo_server.py")
+
+
+@dataclass
+class Stack:
+    http: httpx.AsyncClient
+    url: str
+    ann: UserCreated
+    bea: UserCreated
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> AsyncIterator[Stack]:
+    master = "k1:" + base64.b64encode(os.urandom(32)).decode()
+    with platform_settings(tmp_path_factory, postgres_server, GATEHOUSE_MASTER_KEYS=master) as settings:
+        async with (
+            running(identity_build, settings, "identity") as bus,
+            running(secrets_build, settings, "secrets"),
+            running(proxy_build, settings, "mcp_proxy"),
+            replica(settings) as (app, _),
+            served(app) as url,
+        ):
+            client = CommandClient(bus)
+            ann, bea = [
+                await client.call(
+                    "identity", "create_user", CreateUser(meta=OPERATOR, email=e, org="alpha"), UserCreated
+                )
+                for e in ("ann@upstream.test", "bea@upstream.test")
+            ]
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://gh"
+            ) as http:
+
+                async def known() -> bool:
+                    return (await http.get("/v1/me", headers=bearer(ann.api_key))).status_code == 200
+
+                await eventually(known, timeout=30)
+                plain = {"name": "echo", "transport": "stdio", "command": sys.executable, "args": [ECHO]}
+                created = await http.post("/v1/mcp/servers", json=plain, headers=bearer(ann.api_key))
+                assert created.status_code == 201, created.text
+                assert created.json()["requires_auth"] is False
+                secret_env = {"TEST_UPSTREAM_TOKEN": {"secret": "upstream_token"}}
+                vault = {**plain, "name": "vault", "env": secret_env}
+                created = await http.post("/v1/mcp/servers", json=vault, headers=bearer(ann.api_key))
+                assert created.status_code == 201, created.text
+                assert created.json()["requires_auth"] is True
+                yield Stack(http, url, ann, bea)
+
+
+async def test_rest_routes_reach_the_upstream(stack: Stack) -> None:
+    ann = bearer(stack.ann.api_key)
+    probed = await stack.http.post("/v1/mcp/servers/echo/test", headers=ann)
+    assert probed.status_code == 200, probed.text
+    tools = await stack.http.get("/v1/mcp/echo/tools", headers=ann)
+    assert tools.status_code == 200, tools.text
+    by_name = {t["name"]: t for t in tools.json()}
+    assert {"echo", "add", "whoami"} <= set(by_name)
+    assert by_name["add"]["inputSchema"]["properties"]["a"]["type"] == "integer"
+    executed = await stack.http.post(
+        "/v1/mcp/echo/execute", json={"tool_name": "add", "arguments": {"a": 2, "b": 40}}, headers=ann
+    )
+    assert executed.status_code == 200, executed.text
+    assert executed.json()["status"] == "success"
+    assert executed.json()["result"]["content"][0]["text"] == "42"
+    request_id = executed.json()["request_id"]
+
+    async def in_history() -> bool:
+        page = await stack.http.get("/v1/mcp/requests/history", params={"server": "echo"}, headers=ann)
+        return page.status_code == 200 and request_id in {i["request_id"] for i in page.json()["items"]}
+
+    await eventually(in_history, timeout=15)
+    foreign = await stack.http.get("/v1/mcp/echo/tools", headers=bearer(stack.bea.api_key))
+    assert foreign.status_code == 404
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_the_sdk_client_calls_the_upstream_through_the_gateway(stack: Stack, mode: str) -> None:
+    async with httpx2.AsyncClient(
+        headers=bearer(stack.ann.api_key), timeout=httpx2.Timeout(30, read=60)
+    ) as http:
+        async with Client(streamable_http_client(f"{stack.url}/mcp", http_client=http), mode=mode) as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            assert {"echo__echo", "echo__add", "echo__sleep"} <= set(names)
+            added = await client.call_tool("echo__add", {"a": 20, "b": 22})
+            assert not added.is_error and added.content[0].text == "42"  # type: ignore[union-attr]
+            echoed = await client.call_tool("echo__echo", {"text": f"über {mode}"})
+            assert echoed.content[0].text == f"über {mode}"  # type: ignore[union-attr]
+            invalid = await client.call_tool("echo__add", {"a": "not a number"})
+            assert invalid.is_error  # the upstream's own validation error, passed through
+
+
+async def test_one_servers_endpoint_with_the_sdk_client(stack: Stack) -> None:
+    async with httpx2.AsyncClient(
+        headers=bearer(stack.ann.api_key), timeout=httpx2.Timeout(30, read=60)
+    ) as http:
+        url = f"{stack.url}/servers/echo/mcp"
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            names = [t.name for t in (await client.list_tools()).tools]
+            assert "echo" in names and "add" in names
+            assert (await client.call_tool("add", {"a": 1, "b": 1})).content[0].text == "2"  # type: ignore[union-attr]
+
+
+async def test_a_missing_secret_is_named_and_then_set_through_the_gateway(stack: Stack) -> None:
+    ann = bearer(stack.ann.api_key)
+    session = await stack.http.post(
+        "/mcp",
+        json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}},
+        headers=ann,
+    )
+    headers = {**ann, "Mcp-Session-Id": session.headers["mcp-session-id"]}
+    call = {
+        "jsonrpc": "2.0",
+        "id": 2,
+        "method": "tools/call",
+        "params": {"name": "vault__whoami", "arguments": {}},
+    }
+    missing = (await stack.http.post("/mcp", json=call, headers=headers)).json()
+    assert "error" in missing, missing
+    assert missing["error"]["code"] == -32002 and "upstream_token" in missing["error"]["message"]
+    assert "/v1/secrets/upstream_token" in missing["error"]["message"]
+    assert (
+        await stack.http.put("/v1/secrets/upstream_token", json={"value": "s3cret"}, headers=ann)
+    ).status_code == 200
+
+    async def whoami() -> str | None:
+        body = (await stack.http.post("/mcp", json=call, headers=headers)).json()
+        result = body.get("result")
+        return result["content"][0]["text"] if result and not result.get("isError") else None
+
+    assert await eventually(whoami, timeout=15) == hashlib.sha256(b"s3cret").hexdigest()
+    assert "s3cret" not in json.dumps(missing)
