@@ -42,6 +42,10 @@ e2e *args:
 bench-auth *args:
     {{venv}}/python bench/auth.py "$@"
 
+# the official MCP conformance suite against /servers/{name}/mcp (downloads Node 22 and the suite with npm)
+conformance *args:
+    {{venv}}/python infra/conformance.py "$@"
+
 # NATS, PostgreSQL and the three services in containers (needs GATEHOUSE_KEY_PEPPER in .env)
 compose-up *args:
     docker compose up --build "$@"

@@ -356,6 +356,10 @@ async def test_cancellation_reaches_mcp_proxy_from_either_replica(world: World) 
 # -- one server's endpoint ----------------------------------------------------------------------
 async def test_one_servers_endpoint_shows_its_tools_unprefixed(world: World) -> None:
     ann = world.ann.api_key
+    opened = await world.http[1].post(
+        "/servers/github/mcp", json=rpc("initialize", INIT_PARAMS), headers=bearer(ann)
+    )
+    assert "`github`" in opened.json()["result"]["instructions"]  # not the `<server>__<tool>` of /mcp
     session = await initialize(world.http[0], ann, path="/servers/github/mcp")
     listed = await world.http[1].post(
         "/servers/github/mcp", json=rpc("tools/list"), headers=session_headers(ann, session)

@@ -31,6 +31,7 @@ from tests.integration.mcp_world import bearer, platform_settings, replica, serv
 pytestmark = pytest.mark.integration
 
 ECHO = str(Path(__file__).resolve().parents[1] / "upstreams" / "echo_server.py")
+CONFORMANCE = str(Path(__file__).resolve().parents[1] / "upstreams" / "conformance_server.py")
 
 
 @dataclass
@@ -130,6 +131,27 @@ async def test_one_servers_endpoint_with_the_sdk_client(stack: Stack) -> None:
             names = [t.name for t in (await client.list_tools()).tools]
             assert "echo" in names and "add" in names
             assert (await client.call_tool("add", {"a": 1, "b": 1})).content[0].text == "2"  # type: ignore[union-attr]
+
+
+async def test_the_conformance_fixtures_content_passes_through_unchanged(stack: Stack) -> None:
+    """What the official conformance suite checks of tools (docs/mcp-conformance.md), without Node."""
+    bea = bearer(stack.bea.api_key)
+    spec = {"name": "conformance", "transport": "stdio", "command": sys.executable, "args": [CONFORMANCE]}
+    created = await stack.http.post("/v1/mcp/servers", json=spec, headers=bea)
+    assert created.status_code == 201, created.text
+    async with httpx2.AsyncClient(headers=bea, timeout=httpx2.Timeout(30, read=60)) as http:
+        url = f"{stack.url}/servers/conformance/mcp"
+        async with Client(streamable_http_client(url, http_client=http), mode="legacy") as client:
+            tools = {t.name: t for t in (await client.list_tools()).tools}
+            schema = tools["json_schema_2020_12_tool"].input_schema  # JSON Schema 2020-12 kept as sent
+            assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+            assert "address" in schema["$defs"] and schema["additionalProperties"] is False
+            mixed = await client.call_tool("test_multiple_content_types", {})
+            assert [c.type for c in mixed.content] == ["text", "image", "resource"]
+            audio = (await client.call_tool("test_audio_content", {})).content[0]
+            assert audio.type == "audio" and audio.mime_type == "audio/wav" and audio.data
+            failed = await client.call_tool("test_error_handling", {})
+            assert failed.is_error and "intentionally" in failed.content[0].text  # type: ignore[union-attr]
 
 
 async def test_a_missing_secret_is_named_and_then_set_through_the_gateway(stack: Stack) -> None:

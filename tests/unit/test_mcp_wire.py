@@ -87,6 +87,15 @@ def test_results_are_spliced_not_reencoded() -> None:
     }
 
 
+def test_one_servers_endpoint_is_described_with_unprefixed_names() -> None:
+    everything = json.loads(p.initialize_result("2025-11-25"))["instructions"]
+    assert "<server>__<tool>" in everything
+    for result in (p.initialize_result("2025-11-25", "github"), p.discover_result("github")):
+        text = json.loads(result)["instructions"]
+        assert "`github`" in text and "__" not in text
+    assert json.loads(p.DISCOVER_RESULT)["instructions"] == everything
+
+
 def test_versions_and_headers() -> None:
     assert p.negotiate("2025-06-18") == "2025-06-18" and p.negotiate("2026-07-28") == "2025-11-25"
     assert p.decode_header_value("plain") == "plain"

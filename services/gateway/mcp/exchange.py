@@ -205,7 +205,7 @@ class Exchange:
 
     async def _discover(self, ctx: Context, message: p.Message) -> bytes:
         _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
-        return p.DISCOVER_RESULT
+        return p.DISCOVER_RESULT if ctx.scope is None else p.discover_result(ctx.scope)
 
     async def _empty(self, ctx: Context, message: p.Message) -> bytes:
         _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)

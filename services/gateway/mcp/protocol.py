@@ -193,28 +193,42 @@ _CAPABILITIES: Final = {"tools": {"listChanged": True}}
 _SERVER_INFO: Final = {"name": SERVER_NAME, "version": SERVER_VERSION}
 
 
-def initialize_result(version: str) -> bytes:
+def instructions(server: str | None) -> str:
+    """What the model is told about the endpoint: `/mcp` prefixes tool names, one server's does not."""
+    if server is None:
+        return INSTRUCTIONS
+    return (
+        f"Gatehouse serves the tools of the caller's MCP server `{server}` here, named as that server "
+        "names them; each runs upstream with the caller's own credentials and quota."
+    )
+
+
+def initialize_result(version: str, server: str | None = None) -> bytes:
     return _encoder.encode(
         {
             "protocolVersion": version,
             "capabilities": _CAPABILITIES,
             "serverInfo": _SERVER_INFO,
-            "instructions": INSTRUCTIONS,
+            "instructions": instructions(server),
         }
     )
 
 
-DISCOVER_RESULT: Final = _encoder.encode(
-    {
-        "supportedVersions": list(SUPPORTED_VERSIONS),
-        "capabilities": _CAPABILITIES,
-        "instructions": INSTRUCTIONS,
-        "resultType": "complete",
-        "ttlMs": 0,
-        "cacheScope": "private",
-        "_meta": {META_SERVER_INFO: _SERVER_INFO},
-    }
-)
+def discover_result(server: str | None = None) -> bytes:
+    return _encoder.encode(
+        {
+            "supportedVersions": list(SUPPORTED_VERSIONS),
+            "capabilities": _CAPABILITIES,
+            "instructions": instructions(server),
+            "resultType": "complete",
+            "ttlMs": 0,
+            "cacheScope": "private",
+            "_meta": {META_SERVER_INFO: _SERVER_INFO},
+        }
+    )
+
+
+DISCOVER_RESULT: Final = discover_result()
 
 
 def empty_result(modern: bool) -> bytes:

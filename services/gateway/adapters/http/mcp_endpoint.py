@@ -174,7 +174,7 @@ async def _initialize(
         user_id=principal.user_id, key_id=principal.key_id, protocol_version=version, server=server
     )
     session_id = await face.sessions.create(session)
-    answer = p.result(id_json, p.initialize_result(version))
+    answer = p.result(id_json, p.initialize_result(version, server))
     await io.respond(send, 200, answer, [(b"mcp-session-id", session_id.encode())])
 
 
