@@ -46,6 +46,10 @@ bench-auth *args:
 conformance *args:
     {{venv}}/python infra/conformance.py "$@"
 
+# what the MCP gateway adds to a tool call: upstream directly vs through /mcp (starts its own `gatehouse up`)
+bench-mcp *args:
+    {{venv}}/python bench/mcp_overhead.py "$@"
+
 # NATS, PostgreSQL and the three services in containers (needs GATEHOUSE_KEY_PEPPER in .env)
 compose-up *args:
     docker compose up --build "$@"

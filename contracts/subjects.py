@@ -29,6 +29,15 @@ def ping(service: str) -> str:
     return command(service, "ping")
 
 
+# MCP notifications of one tool call (progress, logs), mcp_proxy -> the gateway replica that
+# took the call, on core NATS (contracts/commands/mcp.py: CallTool.progress_token, log_level).
+MCP_NOTICES: Final = "mcp.notify.>"
+
+
+def mcp_notices(request_id: str) -> str:
+    return f"mcp.notify.{request_id}"
+
+
 # Builds (contracts/commands/builds.py): a work queue, a log stream, live status, heartbeats.
 BUILDS_STREAM: Final = "GATEHOUSE_BUILDS"  # work-queue retention: an order is removed once acked
 BUILD_QUEUE: Final = "builds.queue"

@@ -118,7 +118,12 @@ class CallTool(msgspec.Struct, kw_only=True):
     tool: str
     arguments: msgspec.Raw = msgspec.Raw(b"{}")
     timeout_s: float | None = None  # None: the server's timeout_s
+    # Notifications the caller listens for on `mcp.notify.<request_id>` (contracts/subjects.py),
+    # each a raw JSON-RPC notification, published before the outcome: `notifications/progress`
+    # with this token (the MCP client's own), and `notifications/message` (logs) at `log_level`
+    # or above (an MCP level, "debug" … "emergency"). None: not wanted.
     progress_token: str | int | None = None
+    log_level: str | None = None
 
 
 CallStatus = Literal["success", "error", "timeout"]

@@ -35,7 +35,7 @@ class Reservation(msgspec.Struct, kw_only=True, omit_defaults=True):
     tier: str
     period_start: datetime | None = None  # calls only
     sentence: str | None = None  # set when refused: show it to the human / the agent
-    retry_after_s: int | None = None  # set when refused and waiting helps
+    retry_after_s: int | None = None  # set when refused: seconds before trying again makes sense
 
 
 class Commit(msgspec.Struct, kw_only=True):

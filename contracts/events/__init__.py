@@ -9,7 +9,7 @@ from typing import Any
 import msgspec
 
 from contracts.envelope import Envelope
-from contracts.events import builds, identity, mcp, quota, secrets
+from contracts.events import builds, gateway, identity, mcp, quota, secrets
 
 EventPayload = msgspec.Struct
 
@@ -19,6 +19,7 @@ EVENT_TYPES: dict[str, type[msgspec.Struct]] = {
     **secrets.EVENTS,
     **quota.EVENTS,
     **builds.EVENTS,
+    **gateway.EVENTS,
 }
 
 _decoders: dict[str, msgspec.json.Decoder[Any]] = {

@@ -11,7 +11,7 @@ import msgspec
 
 
 class Reserved(msgspec.Struct, kw_only=True):
-    reservation_id: str  # UUIDv5 of (user id, key): the same key always names the same reservation
+    reservation_id: str  # UUIDv5 of (user id, key, a call's period): a key always names one reservation
     key: str
     user_id: str
     org_id: str

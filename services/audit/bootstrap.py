@@ -4,11 +4,17 @@ import hashlib
 import hmac
 
 from contracts.subjects import ALL_EVENTS
+from services.audit.adapters.checkpoints import CheckpointStore
 from services.audit.adapters.commands import routes
+from services.audit.adapters.scratch import ScratchReplays
+from services.audit.adapters.signing import CheckpointSigner
 from services.audit.adapters.store import AuditStore
 from services.audit.application import Audit
+from services.audit.config import load_audit_settings
+from services.audit.notary import Notary
 from services.kit.bus import Bus
 from services.kit.config import Settings
+from services.kit.history import StoredHistory
 from services.kit.host import Component, add_ping
 from services.kit.projection import ProjectionConsumer
 from services.kit.rpc import CommandServer
@@ -31,16 +37,20 @@ def cursor_key(settings: Settings) -> bytes:
 async def build(bus: Bus, settings: Settings) -> list[Component]:
     url = settings.require_database()
     store = AuditStore(url, SCHEMA)  # started first: it creates the schema the consumer needs
-    audit = Audit(store, cursor_key(settings))
+    audit = Audit(store, cursor_key(settings), scratch=ScratchReplays(bus, url))
     projection = ProjectionConsumer(
         bus=bus,
         database_url=url,
         schema=SCHEMA,
         name="audit",
         filter_subject=ALL_EVENTS,
-        apply=audit.apply,
+        apply_batch=audit.apply_batch,
+        prepare=audit.prepare,
+        history=StoredHistory(bus),  # events the stream's retention dropped
     )
     server = CommandServer(bus, "audit")
     add_ping(server, settings)
-    routes(server, audit, projection)
-    return [store, projection, server]
+    own = load_audit_settings(settings.data_dir)  # GATEHOUSE_AUDIT_*: checkpoints, retention
+    notary = Notary(CheckpointStore(store), CheckpointSigner(own.signing_key, own.trusted_keys), own)
+    routes(server, audit, projection, notary)
+    return [store, notary, projection, server]

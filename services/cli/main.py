@@ -12,6 +12,7 @@ from typing import NoReturn
 
 from contracts.commands.identity import TIERS
 from contracts.subjects import SERVICES
+from services.cli.replay import instant as replay_instant
 from services.cli.runtime import read_runtime
 from services.kit.config import ConfigError, Settings, load_settings
 from services.kit.rpc import CommandFailed
@@ -49,9 +50,17 @@ def _parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="rebuild projections from the event log")
     replay.add_argument("target", choices=("audit", "quota", "history", "all"))
+    replay.add_argument(
+        "--until",
+        type=replay_instant,
+        metavar="TIMESTAMP",
+        help="audit only: rebuild the trail as it stood then into a scratch schema (live trail untouched)",
+    )
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_command", required=True)
-    audit.add_parser("verify", help="check the audit hash chains")
+    audit.add_parser("verify", help="check the audit hash chains and their signed checkpoints")
+    checkpoint = audit.add_parser("checkpoint", help="sign every audit chain head now, apply retention")
+    checkpoint.add_argument("--no-sweep", action="store_true", help="sign only; do not apply retention")
 
     quota = sub.add_parser("quota", help="quota ledger").add_subparsers(dest="quota_command", required=True)
     quota.add_parser("verify", help="compare live balances with balances rebuilt from the event log")
@@ -65,6 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         "--since", type=datetime.fromisoformat, help="ISO timestamp, e.g. 2026-11-21T10:00:00+00:00"
     )
     tail.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    tail.add_argument("--org", help="only events of this org id")
+    tail.add_argument("--user", help="only events this user id caused or that are about them")
 
     keys = sub.add_parser("keys", help="master keys of the secrets service").add_subparsers(
         dest="keys_command", required=True
@@ -98,7 +109,10 @@ def _settings() -> Settings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "replay" and args.until is not None and args.target != "audit":
+        parser.error("--until works with `replay audit` only")
     try:
         return _run(args)
     except ConfigError as err:
@@ -146,13 +160,20 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "users":
         return operator.create_user(settings, args.email, args.org, args.tier, args.admin)
     if args.command == "replay":
+        if args.until is not None:
+            from services.cli.replay import audit_until
+
+            return audit_until(settings, args.until)
         return operator.replay(settings, args.target)
     if args.command == "quota":
         return operator.quota_verify(settings)
     if args.command == "audit":
+        if args.audit_command == "checkpoint":
+            return operator.audit_checkpoint(settings, sweep=not args.no_sweep)
         return operator.audit_verify(settings)
     if args.command == "events":
-        return operator.events_tail(settings, args.subject, args.since, args.follow)
+        where = operator.TailFilter(org=args.org, user=args.user)
+        return operator.events_tail(settings, args.subject, args.since, args.follow, where)
     return 2
 
 

@@ -3,7 +3,7 @@
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import msgspec
@@ -13,10 +13,10 @@ from contracts.commands import audit as audit_cmd
 from contracts.commands import identity as identity_cmd
 from contracts.commands import quota as quota_cmd
 from contracts.commands.common import CommandMeta
-from contracts.envelope import Actor, decode_envelope
+from contracts.envelope import Actor, Envelope, decode_envelope
 from contracts.subjects import STREAM
 from services.kit.bus import Bus, connect
-from services.kit.config import Settings
+from services.kit.config import ConfigError, Settings
 from services.kit.rpc import CommandClient
 
 T = TypeVar("T")
@@ -122,6 +122,9 @@ def _replay_projection(settings: Settings, label: str, service: str, verb: str) 
         f"{label}: rebuilt  entries={after.entries} orgs={after.orgs} digest={after.digest} "
         f"(stream seq {after.stream_seq}, {report.seconds:.2f}s)"
     )
+    if report.restored:
+        sources = ", ".join(report.restored_from)
+        print(f"{label}: {report.restored} events the stream no longer holds were read from {sources}")
     if before.digest != after.digest:
         print(f"{label}: the rebuilt projection differs from the live one", file=sys.stderr)
         return 1
@@ -138,6 +141,8 @@ def _replay_history(settings: Settings) -> int:
 
 
 def audit_verify(settings: Settings) -> int:
+    """Walks every chain and holds it to its signed checkpoints; exit 1 naming the first problem."""
+
     async def work(bus: Bus) -> audit_cmd.ProjectionDigest:
         return await CommandClient(bus).call(
             "audit",
@@ -149,13 +154,88 @@ def audit_verify(settings: Settings) -> int:
 
     result = asyncio.run(_with_bus(settings, work))
     if result.broken_detail:
-        print(f"audit chain broken at entry {result.broken_entry}: {result.broken_detail}")
+        where = f" (entry {result.broken_entry})" if result.broken_entry else ""
+        print(f"audit chain broken{where}: {result.broken_detail}")
         return 1
-    print(f"audit chain intact: {result.entries} entries in {result.orgs} chains, digest {result.digest}")
+    note = f"; {result.checkpoint_note}" if result.checkpoint_note else ""
+    print(
+        f"audit chain intact: {result.entries} entries in {result.orgs} chains{note}, digest {result.digest}"
+    )
     return 0
 
 
-def events_tail(settings: Settings, subject: str, since: datetime | None, follow: bool) -> int:
+def audit_checkpoint(settings: Settings, sweep: bool) -> int:
+    """Signs every chain head that moved since its last checkpoint (and applies retention)."""
+
+    async def work(bus: Bus) -> audit_cmd.CheckpointsSigned:
+        request = audit_cmd.SignCheckpoints(meta=_meta(), sweep=sweep)
+        return await CommandClient(bus).call(
+            "audit", "checkpoint", request, audit_cmd.CheckpointsSigned, timeout=3600
+        )
+
+    result = asyncio.run(_with_bus(settings, work))
+    if result.key_id is None:
+        print(
+            "gatehouse: the audit service has no signing key (GATEHOUSE_AUDIT_SIGNING_KEY)", file=sys.stderr
+        )
+        return 1
+    for cp in result.retention:
+        print(f"retention: {cp.org_id} entries up to seq {cp.seq} deleted (hash {cp.hash})")
+    for cp in result.signed:
+        print(f"signed: {cp.org_id} seq {cp.seq} hash {cp.hash}")
+    print(
+        f"{len(result.signed)} checkpoints signed, {len(result.retention)} retention cuts, "
+        f"key {result.key_id} (public key {result.public_key})"
+    )
+    return 0
+
+
+class TailFilter(msgspec.Struct, frozen=True):
+    """`gatehouse events tail` filters beyond the subject, applied to each decoded envelope."""
+
+    org: str | None = None
+    user: str | None = None
+
+    def keeps(self, envelope: Envelope) -> bool:
+        if self.org is not None and envelope.org_id != self.org:
+            return False
+        if self.user is not None and envelope.actor.id != self.user:
+            return self.user == _payload_user(envelope)
+        return True
+
+
+def _payload_user(envelope: Envelope) -> str | None:
+    try:
+        data = msgspec.json.decode(envelope.data)
+    except msgspec.DecodeError:
+        return None
+    user = data.get("user_id") if isinstance(data, dict) else None
+    return user if isinstance(user, str) else None
+
+
+def tail_subject(subject: str) -> str:
+    """The subject, or ConfigError saying why it cannot be a filter on the event stream."""
+    tokens = subject.split(".")
+    if tokens[0] != "events" or any(not t or " " in t for t in tokens) or ">" in tokens[:-1]:
+        raise ConfigError(
+            f"--subject {subject!r} is not a subject of the event stream (e.g. `events.>`, "
+            "`events.identity.>`, `events.gateway.auth_failed`)"
+        )
+    return subject if len(tokens) > 1 else "events.>"
+
+
+def events_tail(
+    settings: Settings,
+    subject: str,
+    since: datetime | None,
+    follow: bool,
+    where: TailFilter | None = None,
+) -> int:
+    subject = tail_subject(subject)
+    where = where or TailFilter()
+    if since is not None and since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)  # a naive time is UTC, as everywhere else
+
     async def work(bus: Bus) -> None:
         config = ConsumerConfig(
             deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
@@ -173,16 +253,18 @@ def events_tail(settings: Settings, subject: str, since: datetime | None, follow
                 continue
             idle = 0.0
             try:
-                line = msgspec.json.encode(decode_envelope(msg.data)).decode()
+                envelope = decode_envelope(msg.data)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                line = msgspec.json.encode(
-                    {
+                if where.org is None and where.user is None:
+                    undecodable = {
                         "subject": msg.subject,
                         "undecodable": True,
                         "seq": msg.metadata.sequence.stream,
                     }
-                ).decode()
-            print(line, flush=True)
+                    print(msgspec.json.encode(undecodable).decode(), flush=True)
+                continue
+            if where.keeps(envelope):
+                print(msgspec.json.encode(envelope).decode(), flush=True)
 
     try:
         asyncio.run(_with_bus(settings, work))

@@ -122,6 +122,10 @@ def up(data_dir: Path, host: str, port: int) -> int:
             env["GATEHOUSE_KEY_PEPPER"] = pepper
             if made:
                 say(f"Generated the API-key pepper in {data_dir / 'keys'} (mode 0600)")
+        if not env.get("GATEHOUSE_AUDIT_SIGNING_KEY") and not env.get("GATEHOUSE_AUDIT_SIGNING_KEY_FILE"):
+            # Ed25519 seed for signed audit checkpoints; audit reads it from the data dir (docs/audit.md).
+            if secret_file(data_dir, "audit-signing-key")[1]:
+                say(f"Generated the audit checkpoint signing key in {data_dir / 'keys'} (mode 0600)")
         if not env.get("GATEHOUSE_MASTER_KEYS") and not env.get("GATEHOUSE_MASTER_KEYS_FILE"):
             keyring = default_keyring_file(data_dir)
             kid, made = ensure_keyring_file(keyring)

@@ -14,6 +14,7 @@ from services.kit.buildbus import ensure_build_streams, heartbeat_bucket
 from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.eventstore import store_env
+from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
 from services.kit.rpc import CommandClient, CommandServer
@@ -53,5 +54,6 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
     reaper = Reaper(builds, bus, config.reap_grace_s, config.queue_timeout_s, config.reap_interval_s)
     server = CommandServer(bus, SCHEMA)
     add_ping(server, settings)
+    serve_stored_events(server, relay)  # for replays after the stream's retention
     routes(server, builds)
     return [relay, index, keeper, reaper, server]

@@ -47,6 +47,7 @@ async def serve(settings: Settings) -> None:
     try:
         await uvicorn.Server(config).serve()
     finally:
+        await app.state.auth_failures.stop()
         await feed.stop()
         await bus.close()
 

@@ -6,6 +6,7 @@ from services.identity.application import Identity
 from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.eventstore import store_env
+from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
 from services.kit.rpc import CommandServer
@@ -17,5 +18,6 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
     app.on_saved = relay.nudge
     server = CommandServer(bus, "identity")
     add_ping(server, settings)
+    serve_stored_events(server, relay)  # for replays after the stream's retention
     routes(server, app)
     return [relay, server]

@@ -7,7 +7,9 @@ subjects open (services add subjects often; a wall that must list them all break
 - only `mcp_proxy` and `session_runner` may publish `cmd.secrets.reveal`;
 - only `secrets` may subscribe to `cmd.secrets.>` (where `put` carries a value) and publish
   `events.secrets.>` (no one can forge its facts);
-- no user may subscribe to another user's inbox (where a reveal's reply arrives).
+- no user may subscribe to another user's inbox (where a reveal's reply arrives);
+- only `mcp_proxy` may publish, and only `gateway` subscribe to, `mcp.notify.>` (a tool
+  call's progress and log notifications, which carry what the upstream says to one user).
 
 `operator` is the CLI. `gatehouse up` renders this into its embedded NATS server's
 configuration, with a password per user kept in `<data dir>/keys/nats-<user>` (0600);
@@ -17,7 +19,7 @@ infra/nats/authorization.conf.example is the production counterpart (docs/secret
 import json
 from pathlib import Path
 
-from contracts.subjects import command
+from contracts.subjects import MCP_NOTICES, command
 
 OPERATOR = "operator"
 SERVICE_USERS = (
@@ -35,6 +37,7 @@ REVEAL_SUBJECT = command("secrets", "reveal")
 REVEALERS = ("mcp_proxy", "session_runner")
 _CONNECTION_USERS = {"cli": OPERATOR}  # `bus.connect` names that are not service names
 SECRETS = "secrets"
+NOTICE_PUBLISHER, NOTICE_READER = "mcp_proxy", "gateway"
 
 
 def user_for(connection_name: str) -> str:
@@ -51,6 +54,10 @@ def permissions(user: str) -> dict[str, object]:
     if user != SECRETS:
         publish_deny.append("events.secrets.>")
         subscribe_deny.append("cmd.secrets.>")
+    if user != NOTICE_PUBLISHER:
+        publish_deny.append(MCP_NOTICES)
+    if user != NOTICE_READER:
+        subscribe_deny.append(MCP_NOTICES)
     publish: dict[str, list[str]] = {"allow": [">"]}
     if publish_deny:
         publish["deny"] = publish_deny

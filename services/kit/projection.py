@@ -13,13 +13,21 @@ equals the batch size; and at start, the durable consumer is re-pointed at the p
 stored in PostgreSQL, which is the source of truth. One instance projects at a time (lease).
 A database outage spends no deliveries: the batch is held (marked in progress) and retried
 until PostgreSQL answers again.
+
+Speed: a projection that is far behind the stream (a rebuild, or a restart after a long
+stop) first catches up with `read_stream` (large batches, no acks, the next batch in flight)
+and only then attaches its durable consumer. Every batch, live or catch-up, is applied in one
+transaction with the position, through `apply_batch` when the projection has one (the audit
+trail writes a whole batch with a few statements), else event by event through `apply`.
 """
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -34,10 +42,16 @@ from contracts.envelope import Envelope, decode_envelope
 from contracts.events import decode_payload
 from contracts.subjects import STREAM
 from services.kit.bus import Bus
+from services.kit.history import StoredHistory
 from services.kit.lease import Lease
+from services.kit.stream_reader import Record, read_stream
 from services.kit.tasks import stop_task
 
 log = logging.getLogger(__name__)
+# Catch-up decodes a batch in slices of this many messages, yielding to the event loop in
+# between: decoding a whole batch at once (~40 ms) let PostgreSQL drain the COPY being
+# written and sit idle, so the two processes took turns instead of working at once.
+_DECODE_SLICE = 200
 
 
 class Delivered(msgspec.Struct):
@@ -49,6 +63,7 @@ class Delivered(msgspec.Struct):
     envelope: Envelope | None  # None: not an envelope at all (poison)
     payload: msgspec.Struct | None  # None: unknown type or undecodable payload
     error: str | None = None
+    prepared: Any = None  # what the projection's `prepare` made of it, ahead of the transaction
 
 
 def decode_delivered(stream_seq: int, subject: str, raw: bytes) -> Delivered:
@@ -64,6 +79,7 @@ def decode_delivered(stream_seq: int, subject: str, raw: bytes) -> Delivered:
 
 
 Apply = Callable[[psycopg.AsyncConnection[Any], Delivered], Awaitable[None]]
+ApplyBatch = Callable[[psycopg.AsyncConnection[Any], list[Delivered]], Awaitable[None]]
 
 
 class ProjectionConsumer:
@@ -75,14 +91,24 @@ class ProjectionConsumer:
         schema: str,
         name: str,
         filter_subject: str,
-        apply: Apply,
+        apply: Apply | None = None,
+        apply_batch: ApplyBatch | None = None,
         batch: int = 256,
         max_deliver: int = 20,
+        catch_up_batch: int = 2000,
+        prepare: Callable[[Delivered], Any] | None = None,
+        history: StoredHistory | None = None,
     ) -> None:
+        if apply is None and apply_batch is None:
+            raise ValueError("a projection needs `apply` or `apply_batch`")
         self.bus, self.database_url, self.schema, self.name = bus, database_url, schema, name
-        self.filter_subject, self.apply, self.batch = filter_subject, apply, batch
-        self.max_deliver = max_deliver
+        self.filter_subject, self.batch = filter_subject, batch
+        self.apply, self.apply_batch, self.prepare = apply, apply_batch, prepare
+        self.history = history  # where events the stream lost are read back from
+        self.restored, self.restored_from = 0, list[str]()  # by the last backfill
+        self.max_deliver, self.catch_up_batch = max_deliver, catch_up_batch
         self.applied = 0
+        self._durable_only = False  # set when a catch-up batch failed: redeliveries count then
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._conn: psycopg.AsyncConnection[Any] | None = None
@@ -128,7 +154,7 @@ class ProjectionConsumer:
         await asyncio.sleep(0.1)
         await self.wait_caught_up()
 
-    async def wait_caught_up(self, timeout: float = 600.0) -> None:
+    async def wait_caught_up(self, timeout: float = 3600.0) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while loop.time() < deadline:
@@ -193,6 +219,7 @@ class ProjectionConsumer:
                         await self._lease.acquire()
                         held, renewed_at = True, loop.time()
                     if sub is None:
+                        renewed_at = await self._catch_up(renewed_at)
                         await self._align_consumer()
                         sub = await self.bus.js.pull_subscribe_bind(self.name, stream=STREAM)
                     if loop.time() - renewed_at > self._lease.ttl / 3:
@@ -259,18 +286,138 @@ class ProjectionConsumer:
         for msg in msgs:
             await msg.ack()
 
+    async def _catch_up(self, renewed_at: float) -> float:
+        """Applies what the stream holds beyond the position in large batches (no consumer
+        acks: the position commits with each batch); returns when it renewed the lease last.
+
+        Reading and decoding the next batch (and `prepare`) runs while PostgreSQL writes the
+        current one.
+        """
+        if self._durable_only:
+            # A batch failed during the last catch-up: let the durable consumer retry it, so
+            # that `max_deliver` bounds a poison message as in live operation.
+            self._durable_only = False
+            return renewed_at
+        loop = asyncio.get_running_loop()
+        position = await self.position()
+        info = await self.bus.js.stream_info(STREAM)
+        lost = position < info.state.first_seq - 1 or (position == 0 and info.state.messages > 0)
+        if self.history is not None and lost:
+            position = await self._backfill(position, info.state.first_seq)
+        if info.state.last_seq - position <= self.batch:
+            return renewed_at  # close enough: the durable consumer takes it from here
+        log.info("projection %s catches up from stream seq %d", self.name, position + 1)
+        ready: asyncio.Queue[list[Delivered] | BaseException | None] = asyncio.Queue(maxsize=2)
+
+        async def read() -> None:
+            try:
+                batches = read_stream(self.bus, self.filter_subject, position + 1, self.catch_up_batch)
+                async with contextlib.aclosing(batches):
+                    async for records in batches:
+                        decoded: list[Delivered] = []
+                        for start in range(0, len(records), _DECODE_SLICE):
+                            decoded += self._decode(records[start : start + _DECODE_SLICE])
+                            await asyncio.sleep(0)  # let the COPY in progress refill its socket
+                        await ready.put(decoded)
+                await ready.put(None)
+            except Exception as err:
+                await ready.put(err)
+
+        reader = asyncio.create_task(read(), name=f"projection-{self.name}-read")
+        try:
+            while not self._stopping:
+                batch = await ready.get()
+                if batch is None:
+                    break
+                if isinstance(batch, BaseException):
+                    raise batch
+                if loop.time() - renewed_at > self._lease.ttl / 3:
+                    if not await self._lease.renew():
+                        raise RuntimeError("projection lease lost")
+                    renewed_at = loop.time()
+                try:
+                    await self._apply_delivered(batch, lazy_commit=True)
+                except (psycopg.OperationalError, psycopg.InterfaceError):
+                    raise  # the database is away: catch up again once it answers
+                except Exception:
+                    self._durable_only = True
+                    raise
+                self.applied += len(batch)
+        finally:
+            await stop_task(reader, patience_s=5)
+        return renewed_at
+
+    async def _backfill(self, position: int, first_seq: int) -> int:
+        """Applies the events the stream lost (read from the services' stores) before the
+        stream's first message; returns the new position (`first_seq - 1` at least).
+
+        They take the sequence numbers just below `first_seq` when they fit in the gap (as in
+        the stream they came from, when nothing but relayed events was lost), else numbers
+        below zero; either way they are applied before everything the stream still holds.
+        """
+        assert self.history is not None
+        restored, services = await self.history.missing()
+        gap = first_seq - 1 - position
+        base = first_seq - len(restored) if len(restored) <= gap else -len(restored)
+        log.info(
+            "projection %s: the stream starts at seq %d; %d events restored from %s",
+            self.name,
+            first_seq,
+            len(restored),
+            ", ".join(services) or "no service",
+        )
+        for start in range(0, max(len(restored), 1), self.catch_up_batch):
+            chunk = restored[start : start + self.catch_up_batch]
+            records = [Record(base + start + i, r.subject, r.raw, 0) for i, r in enumerate(chunk)]
+            last_chunk = start + self.catch_up_batch >= len(restored)
+            await self._apply_delivered(
+                self._decode(records), at_least=max(position, first_seq - 1) if last_chunk else position
+            )
+        self.restored, self.restored_from = len(restored), services
+        return max(position, first_seq - 1)
+
+    def _decode(self, records: list[Record]) -> list[Delivered]:
+        batch = [decode_delivered(r.seq, r.subject, r.data) for r in records]
+        if self.prepare is not None:
+            for delivered in batch:
+                delivered.prepared = self.prepare(delivered)
+        return batch
+
     async def _apply_batch(self, msgs: list[Msg]) -> None:
+        records = [Record(m.metadata.sequence.stream, m.subject, m.data, 0) for m in msgs]
+        await self._apply_delivered(self._decode(records))
+
+    async def _apply_delivered(
+        self, batch: list[Delivered], at_least: int | None = None, lazy_commit: bool = False
+    ) -> None:
+        """One transaction: the messages beyond the position, then the new position.
+
+        `at_least` (a backfill): apply the whole batch, then move the position there.
+        `lazy_commit` (catch-up: nothing is acknowledged to anyone on this commit): do not wait
+        for the WAL flush. A crash can then lose the last few batches, but never a batch
+        without its position, so they are simply read again from the stream."""
         async with self._conn_lock:
             conn = await self._connection()
             async with conn.transaction():
+                if lazy_commit:
+                    await conn.execute("SET LOCAL synchronous_commit = off")
                 position = await self._read_position(conn)
                 start = position
-                for msg in msgs:
-                    seq = msg.metadata.sequence.stream
-                    if seq <= position:
+                fresh: list[Delivered] = []
+                for delivered in batch:
+                    if at_least is None and delivered.stream_seq <= position:
                         continue  # already applied: a redelivery or a replay overlap
-                    await self.apply(conn, decode_delivered(seq, msg.subject, msg.data))
-                    position = seq
+                    fresh.append(delivered)
+                    position = max(position, delivered.stream_seq)
+                if at_least is not None:
+                    position = max(position, at_least)
+                if self.apply_batch is not None:
+                    if fresh:
+                        await self.apply_batch(conn, fresh)
+                else:
+                    assert self.apply is not None
+                    for delivered in fresh:
+                        await self.apply(conn, delivered)
                 if position != start:
                     await conn.execute(
                         SQL(
@@ -279,6 +426,54 @@ class ProjectionConsumer:
                         ).format(self._positions),
                         [self.name, position],
                     )
+
+
+async def replay_into(
+    bus: Bus,
+    database_url: str,
+    schema: str,
+    filter_subject: str,
+    apply_batch: ApplyBatch,
+    *,
+    until: datetime,
+    prepare: Callable[[Delivered], Any] | None = None,
+    batch: int = 2000,
+) -> int:
+    """Applies the stream's messages stored at or before `until` (a prefix of the stream) to
+    the projection tables in `schema`, one transaction a batch; returns the last stream seq
+    applied. For investigations: a live projection is never touched by this."""
+    limit_ns = int(until.timestamp() * 1_000_000_000)
+    positions = SQL("{}.projection_positions").format(Identifier(schema))
+    last = 0
+    async with await psycopg.AsyncConnection.connect(database_url, connect_timeout=5) as conn:
+        async with conn.transaction():
+            await conn.execute(
+                SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (name text PRIMARY KEY, stream_seq bigint NOT NULL)"
+                ).format(positions)
+            )
+        batches = read_stream(bus, filter_subject, 1, batch)
+        async with contextlib.aclosing(batches):
+            async for records in batches:
+                wanted = list(itertools.takewhile(lambda r: r.time_ns <= limit_ns, records))
+                if wanted:
+                    delivered = [decode_delivered(r.seq, r.subject, r.data) for r in wanted]
+                    if prepare is not None:
+                        for d in delivered:
+                            d.prepared = prepare(d)
+                    async with conn.transaction():
+                        await apply_batch(conn, delivered)
+                        last = wanted[-1].seq
+                        await conn.execute(
+                            SQL(
+                                "INSERT INTO {} (name, stream_seq) VALUES ('until', %s) "
+                                "ON CONFLICT (name) DO UPDATE SET stream_seq = EXCLUDED.stream_seq"
+                            ).format(positions),
+                            [last],
+                        )
+                if len(wanted) < len(records):
+                    break  # the rest of the stream came later
+    return last
 
 
 async def _cancel_until_done(task: asyncio.Task[None], rounds: int = 50) -> None:

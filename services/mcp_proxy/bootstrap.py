@@ -9,16 +9,19 @@ from contracts.subjects import event_subject
 from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.eventstore import store_env
+from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
 from services.kit.projection import ProjectionConsumer
 from services.kit.rpc import CommandClient, CommandServer
 from services.mcp_proxy.adapters.commands import CancelListener, routes
 from services.mcp_proxy.adapters.feeds import Feeds
+from services.mcp_proxy.adapters.notices import BusNotices
 from services.mcp_proxy.adapters.outbox import translate
 from services.mcp_proxy.adapters.quota import QuotaService
 from services.mcp_proxy.adapters.remote import RemotePool
 from services.mcp_proxy.adapters.secrets import RevealingSecrets
+from services.mcp_proxy.adapters.server_quota import ServerQuota
 from services.mcp_proxy.adapters.stdio.pool import StdioPool
 from services.mcp_proxy.adapters.tables import ProxyTables
 from services.mcp_proxy.adapters.upstreams import UpstreamRouter
@@ -83,11 +86,12 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     relay = PromptStop(outbox, quiet=lambda: setattr(store, "on_saved", lambda: None))
     recorder = Recorder(store, proxy.record_batch, proxy.record_interval_ms / 1000)
     upstreams = UpstreamRouter(StdioPool(proxy, settings.instance, recorder.process), RemotePool(proxy))
-    registry = Registry(store, proxy.spec_policy(), proxy.registry_ttl_s, upstreams)
+    slots = ServerQuota(CommandClient(bus)) if proxy.quota else None  # the server limit (docs/quota.md)
+    registry = Registry(store, proxy.spec_policy(), proxy.registry_ttl_s, upstreams, slots=slots)
     secrets = RevealingSecrets(CommandClient(bus), proxy.secret_ttl_s)
     if quota is None:
         quota = QuotaService(CommandClient(bus)) if proxy.quota else AllowAll()
-    calls = Calls(registry, secrets, upstreams, quota, recorder, tables, proxy)
+    calls = Calls(registry, secrets, upstreams, quota, recorder, tables, proxy, notices=BusNotices(bus))
     projection = ProjectionConsumer(
         bus=bus,
         database_url=url,
@@ -99,6 +103,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     history = CallHistory(tables, projection, cursor_key(settings))
     server = CommandServer(bus, SCHEMA, max_in_flight=proxy.max_in_flight)
     add_ping(server, settings)
+    serve_stored_events(server, outbox)  # for replays after the stream's retention
     routes(server, Servers(registry, calls), calls, history)
     # Stopped in reverse: no new commands first, then processes (their stop events are
     # recorded), then the recorder's last flush, then the relay.

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.eventstore import store_env
+from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
 from services.kit.rpc import CommandServer
@@ -60,6 +61,7 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
     feed = IdentityFeed(bus, quota)
     server = CommandServer(bus, "quota", max_in_flight=1024)
     add_ping(server, settings)
+    serve_stored_events(server, relay)  # for replays after the stream's retention
     sources: dict[str, Source] = {"stream": StreamSource(bus), "store": StoreSource(store)}
     routes(server, quota, sources)
     reap_every = min(1.0, quota_settings.reservation_timeout.total_seconds() / 4)

@@ -9,6 +9,7 @@ import asyncio
 from services.kit.bus import Bus
 from services.kit.config import ConfigError, Settings
 from services.kit.eventstore import store_env
+from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
 from services.kit.rpc import CommandServer
@@ -57,5 +58,6 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
     reader = PostgresKeyReader(settings.require_database(), SCHEMA)
     server = CommandServer(bus, "secrets")
     add_ping(server, settings)
+    serve_stored_events(server, relay)  # for replays after the stream's retention
     routes(server, app, reveals, reader)
     return [keystore, usage, reader, relay, reveals, server]

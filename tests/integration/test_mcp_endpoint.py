@@ -95,7 +95,7 @@ async def test_initialize_negotiates_and_assigns_a_session(world: World) -> None
     result = body["result"]
     assert result["protocolVersion"] == "2025-06-18"
     assert result["serverInfo"]["name"] == "gatehouse"
-    assert result["capabilities"] == {"tools": {"listChanged": True}}
+    assert result["capabilities"] == {"tools": {"listChanged": True}, "logging": {}}
     assert result["instructions"]
     for asked, got in (
         ("2025-11-25", "2025-11-25"),
@@ -191,14 +191,31 @@ async def test_tools_call_is_routed_with_the_callers_identity(world: World) -> N
     assert world.proxy.calls[-1].tool == LONG_TOOL
 
 
-async def test_progress_token_is_passed_on(world: World) -> None:
+async def test_progress_and_logs_are_asked_for_when_the_client_can_receive_them(world: World) -> None:
     session = await initialize(world.http[0], world.ann.api_key)
     params = {"name": "github__echo", "arguments": {}, "_meta": {"progressToken": "p-7"}}
-    answer = await world.http[0].post(
-        "/mcp", json=rpc("tools/call", params), headers=session_headers(world.ann.api_key, session)
-    )
+    headers = session_headers(world.ann.api_key, session)
+    streams = {**headers, "Accept": "application/json, text/event-stream"}
+    answer = await world.http[0].post("/mcp", json=rpc("tools/call", params), headers=streams)
     assert answer.status_code == 200
-    assert world.proxy.calls[-1].progress_token == "p-7"
+    assert answer.headers["content-type"] == "application/json"  # no notification came: plain JSON
+    assert (world.proxy.calls[-1].progress_token, world.proxy.calls[-1].log_level) == ("p-7", None)
+    bad = await world.http[0].post("/mcp", json=rpc("logging/setLevel", {"level": "loud"}), headers=streams)
+    assert bad.json()["error"]["code"] == -32602
+    level = await world.http[0].post(
+        "/mcp", json=rpc("logging/setLevel", {"level": "warning"}), headers=streams
+    )
+    assert level.json()["result"] == {}
+    answer = await world.http[1].post("/mcp", json=rpc("tools/call", params), headers=streams)  # any replica
+    assert (world.proxy.calls[-1].progress_token, world.proxy.calls[-1].log_level) == ("p-7", "warning")
+    answer = await world.http[0].post("/mcp", json=rpc("tools/call", params), headers=headers)
+    assert answer.status_code == 200  # no SSE accepted: nothing to deliver notifications with
+    assert (world.proxy.calls[-1].progress_token, world.proxy.calls[-1].log_level) == (None, None)
+    modern = {**modern_headers(world.ann.api_key, "tools/call", "github__echo"), "Accept": streams["Accept"]}
+    opted = {**params, "_meta": {"io.modelcontextprotocol/logLevel": "warning"}}
+    answer = await world.http[0].post("/mcp", json=rpc("tools/call", opted), headers=modern)
+    assert answer.status_code == 200, answer.text  # 2026-07-28: logs only for a request that opts in
+    assert (world.proxy.calls[-1].progress_token, world.proxy.calls[-1].log_level) == (None, "warning")
 
 
 async def test_call_outcomes_map_onto_mcp(world: World) -> None:

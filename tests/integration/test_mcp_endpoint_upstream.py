@@ -13,12 +13,15 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import httpx2
 import pytest
 from mcp import Client
+from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp_types import LoggingMessageNotificationParams
 
 from contracts.commands.identity import CreateUser, UserCreated
 from services.identity.bootstrap import build as identity_build
@@ -183,3 +186,132 @@ async def test_a_missing_secret_is_named_and_then_set_through_the_gateway(stack:
 
     assert await eventually(whoami, timeout=15) == hashlib.sha256(b"s3cret").hexdigest()
     assert "s3cret" not in json.dumps(missing)
+
+
+async def _fixtures_for(stack: Stack, name: str) -> dict[str, str]:
+    """The conformance fixture upstream (progress and logging tools) as a server of ann's."""
+    ann = bearer(stack.ann.api_key)
+    spec = {"name": name, "transport": "stdio", "command": sys.executable, "args": [CONFORMANCE]}
+    created = await stack.http.post("/v1/mcp/servers", json=spec, headers=ann)
+    assert created.status_code in (201, 409), created.text  # 409: the other mode registered it
+    return ann
+
+
+@pytest.mark.parametrize("mode", ["legacy", "auto"])
+async def test_progress_and_logs_reach_the_sdk_client_before_the_result(stack: Stack, mode: str) -> None:
+    ann = await _fixtures_for(stack, "fixtures")
+    progress: list[tuple[float, float | None, str | None]] = []
+    logs: list[LoggingMessageNotificationParams] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, total, message))
+
+    async def on_log(params: LoggingMessageNotificationParams) -> None:
+        logs.append(params)
+
+    async with httpx2.AsyncClient(headers=ann, timeout=httpx2.Timeout(30, read=60)) as http:
+        transport = streamable_http_client(f"{stack.url}/mcp", http_client=http)
+        # log_level: the stateless era's per-request opt-in (no effect in the handshake era)
+        async with Client(transport, mode=mode, logging_callback=on_log, log_level="debug") as client:
+            if mode == "legacy":  # the handshake era's opt-in
+                await client.set_logging_level("debug")
+            result = await client.call_tool(
+                "fixtures__test_tool_with_progress", {}, progress_callback=on_progress
+            )
+            assert result.content[0].text == "Tool with progress executed successfully"  # type: ignore[union-attr]
+            # routed by the SDK to this call's callback: the upstream's token was replaced by its own
+            assert progress == [(p, 100, f"Completed step {p:g} of 100") for p in (0, 50, 100)]
+            result = await client.call_tool("fixtures__test_tool_with_logging", {})
+            assert result.content[0].text == "Tool with logging executed successfully"  # type: ignore[union-attr]
+            assert [(m.level, m.data) for m in logs] == [
+                ("info", "Tool execution started"),
+                ("info", "Tool processing data"),
+                ("info", "Tool execution completed"),
+            ]
+            plain = await client.call_tool("echo__add", {"a": 1, "b": 2}, progress_callback=on_progress)
+            assert plain.content[0].text == "3" and len(progress) == 3  # type: ignore[union-attr]
+
+
+def _events(body: str) -> list[dict[str, Any]]:
+    """The `message` events of an SSE body, decoded."""
+    events = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        lines = block.split("\n")
+        if "event: message" in lines:
+            events.append(
+                json.loads("".join(line[len("data: ") :] for line in lines if line.startswith("data: ")))
+            )
+    return events
+
+
+async def test_a_call_with_notifications_is_answered_as_sse_and_one_without_as_json(stack: Stack) -> None:
+    ann = await _fixtures_for(stack, "fixtures")
+    both = {"Accept": "application/json, text/event-stream"}
+    init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-11-25"}}
+    opened = await stack.http.post("/mcp", json=init, headers={**ann, **both})
+    session = {**ann, **both, "Mcp-Session-Id": opened.headers["mcp-session-id"]}
+
+    def call(tool: str, token: str | None = None, rid: int = 2) -> dict[str, Any]:
+        params: dict[str, Any] = {"name": tool, "arguments": {}}
+        if token is not None:
+            params["_meta"] = {"progressToken": token}
+        return {"jsonrpc": "2.0", "id": rid, "method": "tools/call", "params": params}
+
+    streamed = await stack.http.post(
+        "/mcp", json=call("fixtures__test_tool_with_progress", "tok-1"), headers=session
+    )
+    assert streamed.status_code == 200
+    assert streamed.headers["content-type"] == "text/event-stream"
+    *notes, final = _events(streamed.text)
+    assert [n["method"] for n in notes] == ["notifications/progress"] * 3
+    assert [n["params"]["progressToken"] for n in notes] == ["tok-1"] * 3  # the client's own token
+    assert [n["params"]["progress"] for n in notes] == [0, 50, 100]
+    assert final["id"] == 2 and final["result"]["content"][0]["text"].startswith("Tool with progress")
+
+    level = {"jsonrpc": "2.0", "id": 9, "method": "logging/setLevel", "params": {"level": "info"}}
+    assert (await stack.http.post("/mcp", json=level, headers=session)).json()["result"] == {}
+    logged = await stack.http.post(
+        "/mcp", json=call("fixtures__test_tool_with_logging", rid=3), headers=session
+    )
+    assert logged.headers["content-type"] == "text/event-stream"
+    *notes, final = _events(logged.text)
+    assert [(n["method"], n["params"]["data"]) for n in notes] == [
+        ("notifications/message", "Tool execution started"),
+        ("notifications/message", "Tool processing data"),
+        ("notifications/message", "Tool execution completed"),
+    ]
+    assert final["id"] == 3 and "result" in final
+
+    # nothing sent during the call, or a client that does not accept SSE: plain JSON as before
+    quiet = await stack.http.post("/mcp", json=call("echo__echo", "tok-2", rid=4), headers=session)
+    assert quiet.headers["content-type"] == "application/json" and quiet.json()["id"] == 4
+    json_only = {**session, "Accept": "application/json"}
+    plain = await stack.http.post(
+        "/mcp", json=call("fixtures__test_tool_with_progress", "tok-3", 5), headers=json_only
+    )
+    assert plain.headers["content-type"] == "application/json"
+    assert plain.json()["result"]["content"][0]["text"].startswith("Tool with progress")
+
+
+async def test_the_legacy_sse_transport_carries_progress_before_the_result(stack: Stack) -> None:
+    ann = await _fixtures_for(stack, "fixtures")
+    progress: list[float] = []
+    logs: list[str] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(done)
+
+    async def on_log(params: LoggingMessageNotificationParams) -> None:
+        logs.append(str(params.data))
+
+    async with Client(
+        sse_client(f"{stack.url}/sse", headers=ann), mode="legacy", logging_callback=on_log
+    ) as client:
+        await client.set_logging_level("info")
+        result = await client.call_tool(
+            "fixtures__test_tool_with_progress", {}, progress_callback=on_progress
+        )
+        assert result.content[0].text.startswith("Tool with progress")  # type: ignore[union-attr]
+        assert progress == [0, 50, 100]
+        await client.call_tool("fixtures__test_tool_with_logging", {})
+        assert logs == ["Tool execution started", "Tool processing data", "Tool execution completed"]

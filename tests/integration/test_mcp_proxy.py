@@ -116,6 +116,8 @@ class Proxy:
         request_id: str | None = None,
         timeout_s: float | None = None,
         raw: bytes | None = None,
+        progress_token: str | int | None = None,
+        log_level: str | None = None,
     ) -> Outcome:
         request = cmd.CallTool(
             meta=meta(who.user_id),
@@ -125,6 +127,8 @@ class Proxy:
             tool=tool,
             arguments=msgspec.Raw(raw if raw is not None else msgspec.json.encode(arguments or {})),
             timeout_s=timeout_s,
+            progress_token=progress_token,
+            log_level=log_level,
         )
         return await self.client.call("mcp_proxy", "call", request, Outcome, timeout=30)
 
@@ -503,6 +507,43 @@ async def test_http_and_sse_upstreams_with_secret_headers(
     down = await proxy.call(alice, "echo", {"text": "x"}, server="down")
     assert down.status == "error" and down.error_code == -32003 and down.error is not None
     assert "could not be reached" in down.error
+
+
+async def test_progress_and_logs_of_a_call_reach_its_subject_before_the_outcome(
+    proxy: Proxy, http_upstreams: tuple[int, int]
+) -> None:
+    http_port, sse_port = http_upstreams
+    alice = caller("alice")
+    await proxy.register(alice, stdio_spec())
+    await proxy.register(
+        alice, cmd.ServerSpec(name="web", transport="http", url=f"http://127.0.0.1:{http_port}/mcp")
+    )
+    await proxy.register(
+        alice, cmd.ServerSpec(name="legacy", transport="sse", url=f"http://127.0.0.1:{sse_port}/sse")
+    )
+    for server in ("echo", "web", "legacy"):
+        request_id = str(uuid.uuid4())
+        sub = await proxy.bus.nc.subscribe(f"mcp.notify.{request_id}")
+        outcome = await proxy.call(
+            alice, "progress", {"steps": 3}, server, request_id, progress_token="tok-9", log_level="info"
+        )
+        assert outcome.status == "success", (server, outcome)
+        assert sub.pending_msgs == 6, server  # all of them arrived before the outcome
+        messages = [msgspec.json.decode((await sub.next_msg()).data) for _ in range(6)]
+        progress = [m["params"] for m in messages if m["method"] == "notifications/progress"]
+        assert progress == [
+            {"progressToken": "tok-9", "progress": step, "total": 3, "message": f"step {step}"}
+            for step in (1, 2, 3)
+        ], server
+        logs = [m["params"] for m in messages if m["method"] == "notifications/message"]
+        assert [(m["level"], m["data"]) for m in logs] == [("info", f"step {n} done") for n in (1, 2, 3)]
+        await sub.unsubscribe()
+        # a call that asks for nothing publishes nothing
+        quiet_id = str(uuid.uuid4())
+        quiet = await proxy.bus.nc.subscribe(f"mcp.notify.{quiet_id}")
+        assert (await proxy.call(alice, "progress", {"steps": 2}, server, quiet_id)).status == "success"
+        assert quiet.pending_msgs == 0
+        await quiet.unsubscribe()
 
 
 # -- the quota seam --------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 NATS runs with the authorization `gatehouse up` generates (services/kit/natsauth.py) and
 the secrets service connects as its own user. The gateway's user is refused on
 `cmd.secrets.reveal` by the server (a permissions violation, no reply), cannot listen on
-`cmd.secrets.>` nor read mcp_proxy's replies; the mcp_proxy user is answered. Anonymous
-connections are refused.
+`cmd.secrets.>` nor read mcp_proxy's replies; the mcp_proxy user is answered. Only mcp_proxy
+publishes, and only the gateway hears, a tool call's notifications. Anonymous connections
+are refused.
 """
 
 import asyncio
@@ -157,6 +158,35 @@ async def test_only_the_revealers_reach_the_reveal_subject(secured: Secured) -> 
             await conn.close()
         for conn in (proxy, runner, gateway):
             await conn.close()
+
+
+async def test_only_mcp_proxy_tells_only_the_gateway_about_a_call(secured: Secured) -> None:
+    """`mcp.notify.<request id>`: a tool call's progress and log lines, for one user."""
+    errors: dict[str, list[str]] = {user: [] for user in natsauth.USERS}
+    conns = {user: await as_user(secured, user, errors[user]) for user in natsauth.USERS}
+    heard: dict[str, list[bytes]] = {user: [] for user in natsauth.USERS}
+    for user, conn in conns.items():
+
+        async def got(msg: Any, user: str = user) -> None:
+            heard[user].append(msg.data)
+
+        await conn.subscribe("mcp.notify.>", cb=got)
+        await conn.flush()
+    await asyncio.sleep(0.2)
+    for user in natsauth.USERS:
+        refused = any('subscription to "mcp.notify.>"' in e.lower() for e in errors[user])
+        assert refused == (user != "gateway"), (user, errors[user])
+    for user, conn in conns.items():
+        await conn.publish("mcp.notify.call-1", f"from {user}".encode())
+        await conn.flush()
+    await asyncio.sleep(0.3)
+    assert heard["gateway"] == [b"from mcp_proxy"]  # no one else's reached it, and no one else heard
+    assert all(not heard[u] for u in natsauth.USERS if u != "gateway")
+    for user in natsauth.USERS:
+        refused = any('publish to "mcp.notify.call-1"' in e.lower() for e in errors[user])
+        assert refused == (user != "mcp_proxy"), (user, errors[user])
+    for conn in conns.values():
+        await conn.close()
 
 
 async def test_anonymous_and_wrong_passwords_are_refused(secured: Secured) -> None:

@@ -1,7 +1,7 @@
 """The audit trail's rules, without servers: actions, redaction, chaining, tamper evidence."""
 
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import msgspec
 import pytest
@@ -29,6 +29,7 @@ from services.audit.domain import (
     verify_chain,
 )
 from services.audit.domain.chain import Head, advance
+from services.kit.redaction import register_secret
 
 pytestmark = pytest.mark.unit
 
@@ -156,6 +157,58 @@ def test_metadata_numbers_survive_a_jsonb_round_trip() -> None:
     cleaned = scrub({"big": 1e16, "neg_zero": -0.0, "nan": float("nan"), "small": 0.5, "n": 3})
     assert cleaned == {"big": 10**16, "neg_zero": 0.0, "nan": None, "small": 0.5, "n": 3}
     assert isinstance(cleaned["big"], int)
+
+
+def test_a_message_with_nothing_to_redact_makes_the_same_entry_without_asking_redact() -> None:
+    """`entry_for(..., raw=)` skips string-by-string redaction only when it would change nothing."""
+    register_secret("s3cret-registered")
+    payloads: list[object] = [
+        {"user_id": USER, "outcome": "failure", "n": 1.5, "deep": {"a": [1, {"b": None}]}},
+        {"note": f"pasted {KEY}", "password": "p", "key_id": "k"},  # a key: redacted the slow way
+        {"note": "mcp_proxy.tool_call", "x" * 300: "y" * 5000, "big": 1e16, "neg": -0.0},
+        {"quote": 'say "hi"', "nul": "a\x00b"},  # escapes: the slow way
+        {"leak": "s3cret-registered", "id": "i" * 250},
+        {"level": {"level": {"level": {"level": {"level": {"level": {"level": {"x": 1}}}}}}}},
+    ]
+    for n, payload in enumerate(payloads):
+        env = msgspec.structs.replace(
+            envelope("mcp_proxy.tool_call_completed", payload, n=n), correlation_id="c" * 300
+        )
+        raw = msgspec.json.encode(env)
+        slow = entry_for(n + 1, "events.x", env, None)
+        assert entry_for(n + 1, "events.x", env, None, raw=raw) == slow
+    assert "[REDACTED]" in str(entry_for(5, "events.x", envelope("x.y_z", payloads[4]), None).metadata)
+
+
+def test_the_canonical_encoding_is_frozen() -> None:
+    """Every stored hash depends on these exact bytes: a change here breaks existing chains."""
+    entry = Entry(
+        id="e-1",
+        org_id="org-ø",
+        stream_seq=9,
+        at=datetime(2026, 11, 21, 13, 0, 0, 5, tzinfo=timezone(timedelta(hours=1))),
+        actor=Actor(kind="user", id="u-1", key_id=None, ip="203.0.113.7", user_agent="ü/1"),
+        subject_user_id=None,
+        action="api_key.issued",
+        resource_type="api_key",
+        resource_id="k-1",
+        outcome="success",
+        metadata={"z": [1, 0.5, None, True], "a": {"y": '"q"\n', "b": "é"}},
+        correlation_id="c",
+        trace_id=None,
+        seq=3,
+        prev_hash="ab" * 32,
+    )
+    assert canonical(entry).decode() == (
+        '{"action":"api_key.issued","actor":{"id":"u-1","ip":"203.0.113.7","key_id":null,'
+        '"kind":"user","user_agent":"ü/1"},"at":"2026-11-21T12:00:00.000005+00:00",'
+        '"correlation_id":"c","id":"e-1","metadata":{"a":{"b":"é","y":"\\"q\\"\\n"},'
+        '"z":[1,0.5,null,true]},"org_id":"org-ø","outcome":"success","prev_hash":"' + "ab" * 32 + '",'
+        '"resource":{"id":"k-1","type":"api_key"},"seq":3,"subject_user_id":null,"trace_id":null}'
+    )
+    assert hash_of(entry) == "8438c4473b51931d51d3365e64aec1bde65ee90e5bd07e5a2555e6cc8b1a9a70"
+    sealed = seal(msgspec.structs.replace(entry, seq=0, prev_hash=""), Head("org-ø", 2, "ab" * 32))
+    assert sealed.hash == hash_of(entry) and sealed.seq == 3
 
 
 # -- the hash chain -----------------------------------------------------------------------

@@ -277,7 +277,7 @@ def test_sentences_for_slots_and_the_top_tier() -> None:
     assert book.reserve(FREE, "server", "s1", 1, T0).granted
     server = book.reserve(FREE, "server", "s2", 1, T0)
     assert server.sentence == "Server limit reached (1 server). Upgrade to Pro for 10 servers."
-    assert server.retry_after_s is None
+    assert server.retry_after_s == 60  # waiting frees nothing, but clients must not spin
     team = Account("u-team", "o-1", "team")
     book = Ledger(TierTable({**DEFAULT_TIERS, "team": Limits(calls=1, builds=10, servers=50)}), "month")
     book.reserve(team, "call", "t1", 1, T0)

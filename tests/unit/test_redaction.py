@@ -101,3 +101,9 @@ def test_short_values_are_not_registered() -> None:
 def test_text_without_secrets_is_unchanged() -> None:
     text = "user u-1 listed 3 keys (prefix mcp_abcd)"
     assert redact(text) == text
+
+
+def test_a_secret_inside_a_longer_secret_does_not_leave_pieces_of_the_longer_one() -> None:
+    register_secret("n3sted")
+    register_secret("outer-n3sted-value")
+    assert redact("x outer-n3sted-value y n3sted") == "x [REDACTED] y [REDACTED]"

@@ -78,6 +78,16 @@ async def sleep(seconds: float) -> str:
 
 
 @server.tool()
+async def progress(ctx: Context, steps: int = 3) -> str:
+    """Reports progress `steps` times, logging a debug and an info line at each step."""
+    for step in range(1, steps + 1):
+        await ctx.report_progress(progress=step, total=steps, message=f"step {step}")
+        await ctx.debug(f"detail of step {step}")
+        await ctx.info(f"step {step} done")
+    return "done"
+
+
+@server.tool()
 def crash() -> str:
     """Exits the process in the middle of the call."""
     sys.stderr.write("echo_server: crashing on purpose\n")

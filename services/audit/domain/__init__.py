@@ -15,6 +15,14 @@ from services.audit.domain.chain import (
     seal,
     verify_chain,
 )
+from services.audit.domain.checkpoint import (
+    HEAD,
+    RETENTION,
+    Checkpoint,
+    CheckpointedVerifier,
+    Marks,
+    statement,
+)
 from services.audit.domain.entry import PLATFORM, UNDECODABLE, Entry, entry_for, instant
 from services.audit.domain.metadata import is_secret_field, scrub
 from services.audit.domain.paging import (
@@ -30,15 +38,20 @@ from services.audit.domain.paging import (
 __all__ = [
     "CATALOGUE",
     "GENESIS",
+    "HEAD",
     "MAX_LIMIT",
     "PLATFORM",
+    "RETENTION",
     "UNDECODABLE",
     "ChainBreak",
     "ChainVerifier",
+    "Checkpoint",
+    "CheckpointedVerifier",
     "Digest",
     "Entry",
     "Head",
     "InvalidQuery",
+    "Marks",
     "Meaning",
     "Scope",
     "action_for",
@@ -57,5 +70,6 @@ __all__ = [
     "scope_for",
     "scrub",
     "seal",
+    "statement",
     "verify_chain",
 ]

@@ -22,6 +22,8 @@ CATALOGUE: dict[str, Meaning] = {
     "identity.api_key_issued": Meaning("api_key.issued", "api_key", ("key_id",)),
     "identity.api_key_revoked": Meaning("api_key.revoked", "api_key", ("key_id",)),
     "identity.api_key_used": Meaning("api_key.used", "api_key", ("key_id",)),
+    # A refused key: the key's id when identity knows it (revoked, expired), else its prefix.
+    "gateway.auth_failed": Meaning("auth.failed", "api_key", ("key_id", "key_prefix")),
 }
 
 

@@ -6,8 +6,8 @@ the chain head (kept apart from the entries) catches the removal of the newest o
 """
 
 import hashlib
-from collections.abc import Iterable
-from datetime import UTC
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
@@ -41,30 +41,69 @@ def genesis(org_id: str) -> Head:
     return Head(org_id, 0, GENESIS)
 
 
+class _Actor(msgspec.Struct):
+    kind: str
+    id: str
+    key_id: str | None
+    ip: str | None
+    user_agent: str | None
+
+
+class _Resource(msgspec.Struct):
+    type: str
+    id: str
+
+
+class _Canonical(msgspec.Struct):
+    """The hashed fields; encoded with sorted keys (fields and dicts), as `json.dumps(...,
+    sort_keys=True)` of the same dict would be, compactly. Never change: it defines every hash."""
+
+    id: str
+    org_id: str
+    seq: int
+    at: str
+    actor: _Actor
+    subject_user_id: str | None
+    action: str
+    resource: _Resource
+    outcome: str
+    metadata: dict[str, Any]
+    correlation_id: str | None
+    trace_id: str | None
+    prev_hash: str
+
+
+_canonical = msgspec.json.Encoder(order="sorted")
+
+
+def _stamp(at: datetime) -> str:
+    return (at if at.tzinfo is UTC else at.astimezone(UTC)).isoformat(timespec="microseconds")
+
+
+def _body(entry: Entry, org_id: str, seq: int, prev_hash: str) -> bytes:
+    a = entry.actor
+    return _canonical.encode(
+        _Canonical(
+            entry.id,
+            org_id,
+            seq,
+            _stamp(entry.at),
+            _Actor(a.kind, a.id, a.key_id, a.ip, a.user_agent),
+            entry.subject_user_id,
+            entry.action,
+            _Resource(entry.resource_type, entry.resource_id),
+            entry.outcome,
+            entry.metadata,
+            entry.correlation_id,
+            entry.trace_id,
+            prev_hash,
+        )
+    )
+
+
 def canonical(entry: Entry) -> bytes:
     """Sorted-key compact JSON of every hashed field (the stream position is not one)."""
-    body: dict[str, Any] = {
-        "id": entry.id,
-        "org_id": entry.org_id,
-        "seq": entry.seq,
-        "at": entry.at.astimezone(UTC).isoformat(timespec="microseconds"),
-        "actor": {
-            "kind": entry.actor.kind,
-            "id": entry.actor.id,
-            "key_id": entry.actor.key_id,
-            "ip": entry.actor.ip,
-            "user_agent": entry.actor.user_agent,
-        },
-        "subject_user_id": entry.subject_user_id,
-        "action": entry.action,
-        "resource": {"type": entry.resource_type, "id": entry.resource_id},
-        "outcome": entry.outcome,
-        "metadata": entry.metadata,
-        "correlation_id": entry.correlation_id,
-        "trace_id": entry.trace_id,
-        "prev_hash": entry.prev_hash,
-    }
-    return msgspec.json.encode(body, order="sorted")
+    return _body(entry, entry.org_id, entry.seq, entry.prev_hash)
 
 
 def hash_of(entry: Entry) -> str:
@@ -73,8 +112,9 @@ def hash_of(entry: Entry) -> str:
 
 def seal(entry: Entry, head: Head) -> Entry:
     """The entry as the next link of `head`'s chain."""
-    linked = msgspec.structs.replace(entry, org_id=head.org_id, seq=head.seq + 1, prev_hash=head.hash)
-    return msgspec.structs.replace(linked, hash=hash_of(linked))
+    seq, prev = head.seq + 1, head.hash
+    digest = hashlib.sha256(prev.encode() + _body(entry, head.org_id, seq, prev)).hexdigest()
+    return msgspec.structs.replace(entry, org_id=head.org_id, seq=seq, prev_hash=prev, hash=digest)
 
 
 def advance(head: Head, entry: Entry) -> Head:
@@ -84,16 +124,33 @@ def advance(head: Head, entry: Entry) -> Head:
 class ChainVerifier:
     """Checks entries fed in (org, seq) order, one at a time, so a long trail is streamed."""
 
-    def __init__(self) -> None:
+    def __init__(self, bases: Mapping[str, Head] | None = None) -> None:
         self.reached: dict[str, Head] = {}
+        self.bases = dict(bases or {})  # where a chain whose prefix was deleted now starts
         self._current: Head | None = None
+
+    def start_of(self, entry: Entry) -> Head | ChainBreak:
+        """The head the first entry of a chain links to: genesis, or a retention base."""
+        base = self.bases.get(entry.org_id)
+        if base is not None and entry.seq == base.seq + 1:
+            return base
+        if entry.seq == 1:
+            return genesis(entry.org_id)
+        if base is not None and entry.seq > base.seq + 1:
+            gap = f"entries {base.seq + 1} to {entry.seq - 1} are missing"
+            detail = f"{gap} (retention removed entries up to {base.seq} only)"
+            return ChainBreak(entry.org_id, base.seq + 1, entry.id, detail)
+        return ChainBreak(entry.org_id, 1, entry.id, "entry 1 is missing")
 
     def check(self, entry: Entry) -> ChainBreak | None:
         head = self._current
         if head is None or head.org_id != entry.org_id:
             if entry.org_id in self.reached:
                 return ChainBreak(entry.org_id, entry.seq, entry.id, "entries are out of order")
-            head = genesis(entry.org_id)
+            start = self.start_of(entry)
+            if isinstance(start, ChainBreak):
+                return start
+            head = start
         org, seq = entry.org_id, entry.seq
         if seq != head.seq + 1:
             return ChainBreak(org, head.seq + 1, entry.id, f"entry {head.seq + 1} is missing")
@@ -104,11 +161,15 @@ class ChainVerifier:
         self._current = self.reached[entry.org_id] = advance(head, entry)
         return None
 
+    def end_of(self, org_id: str) -> Head:
+        """Where the walk of a chain ended (its base when every entry was deleted by retention)."""
+        return self.reached.get(org_id) or self.bases.get(org_id) or genesis(org_id)
+
     def finish(self, heads: Iterable[Head]) -> ChainBreak | None:
         """Compares the chains walked with their recorded heads."""
         expected = {head.org_id: head for head in heads}
-        for org_id in sorted(expected.keys() | self.reached.keys()):
-            want, got = expected.get(org_id), self.reached.get(org_id, genesis(org_id))
+        for org_id in sorted(expected.keys() | self.reached.keys() | self.bases.keys()):
+            want, got = expected.get(org_id), self.end_of(org_id)
             if want is None:
                 return ChainBreak(org_id, got.seq, None, "chain has no recorded head")
             if want.seq != got.seq or want.hash != got.hash:

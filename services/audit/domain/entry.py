@@ -5,6 +5,7 @@ trail shows that something arrived instead of silently skipping it. Entries are 
 from what the stream holds (never the time of ingestion) so a rebuild makes the same ones.
 """
 
+import functools
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -12,8 +13,9 @@ from typing import Any
 import msgspec
 
 from contracts.envelope import Actor, Envelope
-from services.audit.domain.catalogue import meaning_of, outcome_of, resource_id, subject_user
-from services.audit.domain.metadata import clean_id, clean_text, scrub
+from services.audit.domain.catalogue import Meaning, meaning_of, outcome_of, resource_id, subject_user
+from services.audit.domain.metadata import MAX_ID, clean_id, clean_text, plain_id, scrub, scrub_plain
+from services.kit.redaction import leaves_unchanged, secrets_version
 from services.kit.telemetry import trace_id_of
 
 PLATFORM = "_platform"  # the chain of entries that name no org
@@ -50,13 +52,20 @@ def entry_for(
     envelope: Envelope | None,
     error: str | None,
     previous_at: datetime | None = None,
+    raw: bytes | None = None,
 ) -> Entry:
-    """The entry for one delivered message; `previous_at` dates one with no envelope."""
+    """The entry for one delivered message; `previous_at` dates one with no envelope.
+
+    `raw` (the message as received, optional) lets a message with nothing to redact skip
+    the string-by-string redaction: the entry is the same either way.
+    """
     if envelope is None:
         return _undecodable(stream_seq, subject, error or "not an envelope", None, previous_at)
     data = None if error else _payload(envelope.data)
     if data is None:
         return _undecodable(stream_seq, subject, error or "payload is not JSON", envelope, None)
+    if raw is not None and type(data) is dict and leaves_unchanged(raw):
+        return _plain_entry(stream_seq, envelope, data)
     meaning = meaning_of(envelope.type)
     return Entry(
         id=_event_id(envelope, stream_seq),
@@ -73,6 +82,62 @@ def entry_for(
         correlation_id=clean_id(envelope.correlation_id),
         trace_id=clean_id(trace_id_of(envelope.trace)),
     )
+
+
+def _plain_entry(stream_seq: int, envelope: Envelope, data: dict[str, Any]) -> Entry:
+    """`entry_for` of a message whose strings `redact` leaves unchanged (`leaves_unchanged` of
+    its JSON): strings from the message only need their length bounded. Strings that are not
+    in the message (the catalogue's, and their cleaned forms) still go through `clean_id`."""
+    secrets = secrets_version()
+    action, resource_type, meaning = _meaning(envelope.type, secrets)
+    a = envelope.actor
+    ua = a.user_agent
+    outcome = data.get("outcome")  # as `outcome_of`, which defaults to success
+    outcome = _plain_text_id(outcome) if type(outcome) is str and outcome else _constant("success", secrets)
+    return Entry(
+        id=(envelope.event_id if len(envelope.event_id) <= MAX_ID else _id(envelope.event_id))
+        if envelope.event_id
+        else _stream_id(stream_seq),
+        org_id=_plain_org(envelope.org_id),
+        stream_seq=stream_seq,
+        at=instant(envelope.occurred_at),
+        actor=Actor(
+            kind=_plain_text_id(a.kind),
+            id=_plain_text_id(a.id),
+            key_id=plain_id(a.key_id),
+            ip=plain_id(a.ip),
+            user_agent=ua if ua is None or len(ua) <= 512 else clean_text(ua, 512),
+        ),
+        subject_user_id=plain_id(subject_user(data)),
+        action=action,
+        resource_type=resource_type,
+        resource_id=_plain_text_id(resource_id(meaning, data)),
+        outcome=outcome,
+        metadata=scrub_plain(data),
+        correlation_id=plain_id(envelope.correlation_id),
+        trace_id=plain_id(trace_id_of(envelope.trace)),
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _meaning(event_type: str, secrets: int) -> tuple[str, str, Meaning]:
+    """(action, resource type, meaning) as `entry_for` cleans them, for the secrets registered
+    so far (`secrets` is `secrets_version()`: a new secret makes new cache entries)."""
+    meaning = meaning_of(event_type)
+    return _id(meaning.action), _id(meaning.resource_type), meaning
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(text: str, secrets: int) -> str:
+    return _id(text)
+
+
+def _plain_org(org_id: str | None) -> str:
+    return (org_id if len(org_id) <= MAX_ID else _id(org_id)) if org_id else PLATFORM
+
+
+def _plain_text_id(text: str) -> str:
+    return text if len(text) <= MAX_ID else _id(text)
 
 
 def chain_of(org_id: str | None) -> str:

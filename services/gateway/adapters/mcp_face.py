@@ -54,7 +54,13 @@ class McpFace:
         self.directory = ToolDirectory(gateway.client)
         self.sessions = SessionStore(gateway.bus)
         self.relay = Relay(gateway.bus)
-        self.exchange = Exchange(gateway, self.directory, self.relay.broadcast_cancel)
+        self.exchange = Exchange(
+            gateway,
+            self.directory,
+            self.relay.broadcast_cancel,
+            self.relay.listen,
+            self.sessions.set_log_level,
+        )
         self._started = False
         self._starting = asyncio.Lock()
         self._tasks: set[asyncio.Task[Any]] = set()

@@ -4,6 +4,9 @@
   the stream subscribes; a replica that took the client's POST publishes the answer there.
 - `mcp.cancel`: `notifications/cancelled` arrived on a replica that is not running the call;
   the one that is forwards it to mcp_proxy.
+
+And from mcp_proxy: `mcp.notify.<request_id>` (contracts/subjects.py), the progress and log
+notifications of one tool call, heard by the replica that sent the call (`listen`).
 """
 
 import asyncio
@@ -14,7 +17,9 @@ from typing import Final
 
 import msgspec
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
+from contracts.subjects import mcp_notices
 from services.gateway.mcp.exchange import CancelNotice
 from services.kit.bus import Bus
 
@@ -29,6 +34,30 @@ def sse_subject(session_id: str) -> str:
 
 _encoder = msgspec.json.Encoder()
 _cancel_decoder = msgspec.json.Decoder(CancelNotice)
+
+
+class NoticeInbox:
+    """The notifications of one call, in the order mcp_proxy published them.
+
+    A subscription without a callback: nats-py's reader appends each message to its queue
+    while it parses the connection, so every notification published before the call's
+    outcome is in the queue by the time the outcome is delivered (`drain` then takes them).
+    A callback subscription would hand them over on a task of its own, after the outcome.
+    """
+
+    def __init__(self, sub: Subscription) -> None:
+        self._sub = sub
+        self._queue: asyncio.Queue[Msg] = sub._pending_queue  # nats-py 2.x, see above
+
+    async def next(self) -> bytes:
+        return self._taken(await self._queue.get())  # cancel-safe: an item not taken stays queued
+
+    def drain(self) -> list[bytes]:
+        return [self._taken(self._queue.get_nowait()) for _ in range(self._queue.qsize())]
+
+    def _taken(self, msg: Msg) -> bytes:
+        self._sub._pending_size -= len(msg.data)
+        return msg.data
 
 
 class Relay:
@@ -48,6 +77,18 @@ class Relay:
 
     async def broadcast_cancel(self, notice: CancelNotice) -> None:
         await self.bus.nc.publish(CANCEL_SUBJECT, _encoder.encode(notice))
+
+    @asynccontextmanager
+    async def listen(self, request_id: str) -> AsyncIterator[NoticeInbox]:
+        """Subscribed before the call is sent: one connection keeps SUB and the command in order."""
+        sub = await self.bus.nc.subscribe(mcp_notices(request_id))
+        try:
+            yield NoticeInbox(sub)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except Exception:
+                log.debug("notice subscription of a finished call already gone")
 
     @asynccontextmanager
     async def stream(self, session_id: str) -> AsyncIterator[asyncio.Queue[bytes]]:

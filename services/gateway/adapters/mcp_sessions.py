@@ -4,7 +4,7 @@ Any gateway replica can serve any session: the record lives in the KV bucket
 `gatehouse_mcp_sessions` (TTL one hour, renewed while the session is used), with a small
 in-memory cache in front. A cached record is re-read from the bucket every `RECHECK_S`, and
 an ended session is dropped from every replica's cache at once by a broadcast on
-`mcp.session.ended`.
+`mcp.session.ended`, a changed one (`logging/setLevel`) by one on `mcp.session.changed`.
 """
 
 import logging
@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 BUCKET: Final = "gatehouse_mcp_sessions"
 ENDED_SUBJECT: Final = "mcp.session.ended"
+CHANGED_SUBJECT: Final = "mcp.session.changed"
 TTL_S: Final = 3600.0
 RECHECK_S: Final = 15.0  # a cached record is trusted this long before the bucket is asked again
 RENEW_S: Final = 300.0  # a used session's TTL is renewed at most this often (per replica)
@@ -42,6 +43,7 @@ class McpSession(msgspec.Struct, kw_only=True):
     server: str | None  # None: `/mcp` (every server); a name: `/servers/{name}/mcp`
     transport: Literal["streamable", "sse"] = "streamable"
     created_at: float = 0.0
+    log_level: str | None = None  # set by logging/setLevel: the upstreams' logs are relayed from it up
 
 
 @dataclass(slots=True)
@@ -69,6 +71,7 @@ class SessionStore:
     async def start(self) -> None:
         self._kv = await self._bucket()
         await self.bus.nc.subscribe(ENDED_SUBJECT, cb=self._on_ended)
+        await self.bus.nc.subscribe(CHANGED_SUBJECT, cb=self._on_ended)
 
     async def _bucket(self) -> KeyValue:
         try:
@@ -132,6 +135,20 @@ class SessionStore:
             await self.kv.put(session_id, value)
         except Exception as err:
             log.warning("could not renew an MCP session's TTL: %s", type(err).__name__)
+
+    async def set_log_level(self, session_id: str, level: str) -> None:
+        session = await self.get(session_id)
+        if session is None or session.log_level == level:
+            return
+        changed = msgspec.structs.replace(session, log_level=level)
+        value = _encoder.encode(changed)
+        try:
+            await self.kv.put(session_id, value)
+        except Exception as err:
+            raise SessionStoreDown(type(err).__name__) from err
+        now = time.monotonic()
+        self._remember(session_id, _Cached(changed, now, now))
+        await self.bus.nc.publish(CHANGED_SUBJECT, session_id.encode())  # other replicas re-read it
 
     async def end(self, session_id: str) -> None:
         self._cache.pop(session_id, None)

@@ -12,12 +12,20 @@ calls go to mcp_proxy (`cmd.mcp_proxy.call`) and its answer is mapped onto MCP:
 | refusal 429 (quota)                     | a result with `isError: true` carrying the sentence  |
 | refusal 400/403/404/409                 | JSON-RPC error -32602 with the sentence              |
 | refusal 5xx / not answering             | JSON-RPC error -32603 with the sentence              |
+
+A call whose transport can deliver notifications (`Context.listener`) and whose client asks
+for some (a progress token; logs at the session's `logging/setLevel` level, or in the
+stateless era the request's `io.modelcontextprotocol/logLevel`) hears `mcp.notify.<request_id>`
+while it runs: each upstream notification goes to the listener, all before the response.
+Any other call takes the plain path (no subscription).
 """
 
+import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, Protocol
 
 import msgspec
 
@@ -46,6 +54,20 @@ class CancelNotice(msgspec.Struct):
     request: str  # `7` and `"7"` are different ids
 
 
+class Listener(Protocol):
+    """Where a transport puts the notifications of a call (before the call's response)."""
+
+    async def notice(self, message: bytes) -> None: ...
+
+
+class Inbox(Protocol):
+    async def next(self) -> bytes: ...
+    def drain(self) -> list[bytes]: ...
+
+
+Listen = Callable[[str], AbstractAsyncContextManager[Inbox]]
+
+
 def caller_of(principal: Principal) -> Caller:
     return Caller(
         user_id=principal.user_id, org_id=principal.org_id, tier=principal.tier, is_admin=principal.is_admin
@@ -65,6 +87,8 @@ class Context:
     ip: str | None = None
     user_agent: str | None = None
     started: tuple[str, Caller] | None = None  # the tool call under way (request id, caller)
+    listener: Listener | None = None  # None: this transport cannot deliver notifications
+    log_level: str | None = None  # handshake era: the session's logging/setLevel, if any
 
     def meta(self) -> CommandMeta:
         return Gateway.meta(self.principal, self.ip, self.user_agent, None)
@@ -79,15 +103,18 @@ class Exchange:
         gateway: Gateway,
         directory: ToolDirectory,
         broadcast_cancel: Callable[[CancelNotice], Awaitable[None]],
+        listen: Listen | None = None,
+        set_log_level: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.gateway, self.directory, self.broadcast_cancel = gateway, directory, broadcast_cancel
+        self.listen, self.set_log_level = listen, set_log_level
         self._calls: dict[tuple[str, bytes], tuple[str, Caller]] = {}  # (session, JSON-RPC id)
         self._methods: dict[str, Method] = {
             "tools/call": self._call,
             "tools/list": self._list,
             "ping": self._empty,
             "server/discover": self._discover,
-            "logging/setLevel": self._empty,
+            "logging/setLevel": self._set_level,
             "resources/list": self._none_of(b"resources"),
             "resources/templates/list": self._none_of(b"resourceTemplates"),
             "prompts/list": self._none_of(b"prompts"),
@@ -152,6 +179,13 @@ class Exchange:
         caller = caller_of(ctx.principal)
         server, tool = await self.directory.resolve(caller, ctx.meta(), ctx.scope, params.name)
         request_id = str(uuid.uuid4())
+        listener = ctx.listener if self.listen is not None else None
+        token = level = None
+        if listener is not None:
+            token = params.meta.progressToken if params.meta is not None else None
+            level = (
+                (params.meta.logLevel if params.meta is not None else None) if ctx.modern else ctx.log_level
+            )
         command = CallTool(
             meta=ctx.meta(),  # its own: the RPC client stamps each command's deadline on its meta
             caller=caller,
@@ -159,16 +193,19 @@ class Exchange:
             server=server,
             tool=tool,
             arguments=arguments,
-            progress_token=params.meta.progressToken if params.meta is not None else None,
+            progress_token=token,
+            log_level=level,
         )
         ctx.started = (request_id, caller)
         key = (ctx.session_id, p.encode_id(message.id)) if ctx.session_id is not None else None
         if key is not None:
             self._calls[key] = ctx.started
         try:
-            outcome = await self.gateway.client.call(
-                "mcp_proxy", "call", command, CallOutcomeReply, CALL_TIMEOUT_S
-            )
+            call = self.gateway.client.call("mcp_proxy", "call", command, CallOutcomeReply, CALL_TIMEOUT_S)
+            if listener is not None and (token is not None or level is not None):
+                outcome = await self._relayed(request_id, call, listener)
+            else:
+                outcome = await call
         except CommandFailed as refused:
             if refused.problem.status == 429:  # over quota: a sentence the agent can act on
                 return p.tool_error_result(refused.problem.detail, ctx.modern)
@@ -178,6 +215,35 @@ class Exchange:
             if key is not None:
                 self._calls.pop(key, None)
         return _answer(outcome, server, tool, ctx.modern)
+
+    async def _relayed(
+        self, request_id: str, call: Coroutine[Any, Any, CallOutcomeReply], listener: Listener
+    ) -> CallOutcomeReply:
+        """The call's outcome, its notifications handed to `listener` first, in order."""
+        assert self.listen is not None
+        try:
+            inbox_cm = self.listen(request_id)
+            inbox = await inbox_cm.__aenter__()  # subscribed before the command goes out
+        except BaseException:
+            call.close()  # never sent
+            raise
+        answer = asyncio.ensure_future(call)
+        arrived: asyncio.Future[bytes] | None = None
+        try:
+            while not answer.done():
+                arrived = asyncio.ensure_future(inbox.next())
+                await asyncio.wait({answer, arrived}, return_when=asyncio.FIRST_COMPLETED)
+                if arrived.done():
+                    await listener.notice(arrived.result())
+                arrived.cancel()
+            for message in inbox.drain():  # published before the outcome: already here
+                await listener.notice(message)
+            return answer.result()
+        finally:
+            answer.cancel()
+            if arrived is not None:
+                arrived.cancel()
+            await inbox_cm.__aexit__(None, None, None)
 
     async def _list(self, ctx: Context, message: p.Message) -> bytes:
         params: p.ListParams = p.decode_params(message.params, p.ListParams)
@@ -206,6 +272,16 @@ class Exchange:
     async def _discover(self, ctx: Context, message: p.Message) -> bytes:
         _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
         return p.DISCOVER_RESULT if ctx.scope is None else p.discover_result(ctx.scope)
+
+    async def _set_level(self, ctx: Context, message: p.Message) -> bytes:
+        """Handshake era: the session's upstream log lines are relayed from this level up."""
+        params: p.SetLevelParams = p.decode_params(message.params, p.SetLevelParams)
+        _check_envelope(ctx, params.meta)
+        if params.level not in p.LOG_LEVELS:
+            raise p.ProtocolError(p.INVALID_PARAMS, f"Unknown log level {params.level!r}.")
+        if ctx.session_id is not None and self.set_log_level is not None:
+            await self.set_log_level(ctx.session_id, params.level)
+        return p.empty_result(ctx.modern)
 
     async def _empty(self, ctx: Context, message: p.Message) -> bytes:
         _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)

@@ -47,6 +47,7 @@ HANDSHAKE_ERROR_STATUS: Final = {PARSE_ERROR: 400, INVALID_REQUEST: 400, UNSUPPO
 
 META_PROTOCOL_VERSION: Final = "io.modelcontextprotocol/protocolVersion"
 META_SERVER_INFO: Final = "io.modelcontextprotocol/serverInfo"
+META_LOG_LEVEL: Final = "io.modelcontextprotocol/logLevel"
 
 Id = int | str
 ABSENT: Final = msgspec.Raw(b"")  # a `msgspec.Raw` field that was not in the message
@@ -74,6 +75,7 @@ class Message(msgspec.Struct):
 class RequestMeta(msgspec.Struct):
     progressToken: str | int | None = None
     protocolVersion: str | None = msgspec.field(default=None, name=META_PROTOCOL_VERSION)
+    logLevel: str | None = msgspec.field(default=None, name=META_LOG_LEVEL)  # 2026-07-28 opt-in
 
 
 class CallParams(msgspec.Struct):
@@ -84,6 +86,14 @@ class CallParams(msgspec.Struct):
 
 class ListParams(msgspec.Struct):
     cursor: str | None = None
+    meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
+
+
+LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+class SetLevelParams(msgspec.Struct):
+    level: str = ""
     meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
 
 
@@ -189,7 +199,8 @@ def negotiate(requested: str) -> str:
 # -- results -----------------------------------------------------------------------------------
 MODERN_FIELDS: Final = b'"resultType":"complete"'
 CACHEABLE_FIELDS: Final = b'"resultType":"complete","ttlMs":0,"cacheScope":"private"'
-_CAPABILITIES: Final = {"tools": {"listChanged": True}}
+# `logging`: the upstreams' log notifications of a call are relayed (exchange.py) from the level set
+_CAPABILITIES: Final = {"tools": {"listChanged": True}, "logging": {}}
 _SERVER_INFO: Final = {"name": SERVER_NAME, "version": SERVER_VERSION}
 
 

@@ -10,6 +10,12 @@ errors: nothing was sent). A tools/call is never retried, since it may have reac
 upstream. Every new session checks the URL's addresses again (DNS may have changed since
 registration). Only the registered headers are sent: the gateway's own clients' headers
 (their Authorization above all) never reach mcp_proxy, let alone an upstream.
+
+Notifications: a call whose listener wants progress passes a progress callback (the SDK
+sends its own token upstream and routes the upstream's progress to it); log messages reach
+the session's logging callback, which cannot tell which request they belong to, so each
+goes to every call of this (one user's) session that asked for logs. A 2026-07-28 upstream
+sends logs only to requests that opt in (`io.modelcontextprotocol/logLevel`): such calls do.
 """
 
 import asyncio
@@ -25,13 +31,14 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import Implementation
+from mcp_types import LOG_LEVEL_META_KEY, Implementation, LoggingMessageNotificationParams
 
 from contracts.commands.mcp import Tool
 from services.kit.tasks import stop_task
 from services.mcp_proxy.adapters.listing import contract_tools, decode_tool_page
 from services.mcp_proxy.application.ports import (
     CallCanceled,
+    CallListener,
     Reply,
     Target,
     UpstreamFailed,
@@ -84,6 +91,7 @@ class RemoteSession:
         self._tools: list[Tool] | None = None
         self._calls: dict[str, asyncio.Task[Any]] = {}
         self._canceled: set[str] = set()
+        self._listeners: dict[str, CallListener] = {}
 
     @property
     def usable(self) -> bool:
@@ -107,7 +115,9 @@ class RemoteSession:
 
     async def _run(self) -> None:
         try:
-            async with Client(self._transport(), cache=None, client_info=_CLIENT_INFO) as client:
+            async with Client(
+                self._transport(), cache=None, client_info=_CLIENT_INFO, logging_callback=self._logged
+            ) as client:
                 self._client = client
                 self._ready.set_result(None)
                 await self._closing.wait()
@@ -157,11 +167,32 @@ class RemoteSession:
         self._tools = tools
         return tools
 
-    async def call(self, tool: str, arguments: bytes, timeout: float, call_id: str) -> Reply:
+    async def _logged(self, params: LoggingMessageNotificationParams) -> None:
+        if self._listeners:
+            raw = params.model_dump_json(by_alias=True, exclude_none=True).encode()
+            for listener in list(self._listeners.values()):
+                if listener.wants_logs:
+                    listener.log(raw)
+
+    async def call(
+        self, tool: str, arguments: bytes, timeout: float, call_id: str, listener: CallListener | None = None
+    ) -> Reply:
         client = self._live()
         self.in_flight += 1
         self.last_used = time.monotonic()
-        task = asyncio.create_task(client.call_tool(tool, msgspec.json.decode(arguments)))
+        progress, meta = None, None
+        if listener is not None:
+            self._listeners[call_id] = listener
+            progress = _progress_to(listener) if listener.wants_progress else None
+            meta = {LOG_LEVEL_META_KEY: "debug"} if listener.wants_logs else None  # the listener filters
+        task = asyncio.create_task(
+            client.call_tool(
+                tool,
+                msgspec.json.decode(arguments),
+                progress_callback=progress,
+                meta=meta,  # type: ignore[arg-type]  # a TypedDict with extra items
+            )
+        )
         self._calls[call_id] = task
         try:
             async with asyncio.timeout(timeout):
@@ -185,6 +216,9 @@ class RemoteSession:
         finally:
             self._calls.pop(call_id, None)
             self._canceled.discard(call_id)
+            if listener is not None:
+                self._listeners.pop(call_id, None)
+                await listener.flush()  # every notification is out before the outcome
             self.in_flight -= 1
             self.last_used = time.monotonic()
         raw = result.model_dump_json(by_alias=True, exclude_none=True).encode()
@@ -210,6 +244,18 @@ class RemoteSession:
         except Exception as err:
             self.broken = _describe(err)
             return False
+
+
+def _progress_to(listener: CallListener) -> Any:
+    async def progressed(progress: float, total: float | None, message: str | None) -> None:
+        params: dict[str, Any] = {"progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None:
+            params["message"] = message
+        listener.progress(msgspec.json.encode(params))
+
+    return progressed
 
 
 def _current_cancelling() -> bool:

@@ -1,7 +1,8 @@
 """Executing a tool call: the hot path.
 
-    find the server (cached) -> reserve quota -> resolve secrets (cached) -> get the pooled
-    process or session -> check the tool exists -> call -> reply -> record (batched)
+    find the server (cached) -> reserve quota, and meanwhile resolve secrets (cached), get the
+    pooled process or session, check the tool exists -> reservation granted -> call -> reply
+    -> record (batched); commit/release go out after the reply
 
 Nothing here parses the arguments or the result: both travel as raw JSON. Failures come
 back as a CallOutcome the caller can show (status "error" or "timeout", a sentence, and a
@@ -14,14 +15,15 @@ import asyncio
 import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
-from contracts.commands.common import Problem
 from contracts.commands.mcp import Caller, CallOutcome, CallStatus, CallTool, CancelCall
 from services.kit.rpc import CommandFailed, refuse
 from services.mcp_proxy.application.ports import (
+    NoNotices,
+    Notices,
     QuotaExceeded,
     QuotaGate,
     SecretResolver,
@@ -57,9 +59,11 @@ class Calls:
         recorder: Recorder,
         status: StatusBoard,
         settings: ProxySettings,
+        notices: Notices | None = None,
     ) -> None:
         self.registry, self.secrets, self.upstreams = registry, secrets, upstreams
         self.quota, self.recorder, self.status, self.settings = quota, recorder, status, settings
+        self.notices: Notices = notices or NoNotices()  # progress and logs to the caller
         self.recent = Recent(settings.idempotency_ttl_s)
         self._in_flight: dict[tuple[str, str], Upstream] = {}
         self._targets: dict[tuple[str, str, tuple[str, ...]], Target] = {}
@@ -113,20 +117,22 @@ class Calls:
             return call.finish(
                 "error", "The arguments of a tool call must be a JSON object.", codes.INVALID_PARAMS
             )
+        # The reservation travels while the call is prepared (secrets, process, tool list:
+        # usually cache hits, a spawn on a cold start); nothing is sent upstream before it is
+        # granted, and a refusal outranks whatever the preparation found.
+        reserving = asyncio.ensure_future(self.quota.reserve(caller, c.request_id, c.server, c.tool))
         try:
-            reservation = await self.quota.reserve(caller, c.request_id, c.server, c.tool)
+            ready = await call.prepare()
+        except BaseException:
+            reserving.cancel()  # an unsettled reservation expires on its own
+            raise
+        try:
+            reservation = await reserving
         except QuotaExceeded as over:
             call.finish("error", over.detail, None)
-            problem = Problem(
-                status=429,
-                title="Quota exceeded",
-                detail=over.detail,
-                code="quota_exceeded",
-                retry_after_s=over.retry_after_s,
-            )
-            raise CommandFailed(problem) from None
+            raise CommandFailed(over.problem()) from None
         try:
-            return await call.run(timeout)
+            return await call.send(ready, timeout) if isinstance(ready, _Ready) else call.finish(*ready)
         finally:
             if call.reached:
                 await self.quota.commit(reservation)
@@ -188,6 +194,11 @@ class Calls:
         task.add_done_callback(_quiet)
 
 
+class _Ready(NamedTuple):
+    upstream: Upstream
+    tools_count: int
+
+
 class _Call:
     """One execution, and the record it leaves."""
 
@@ -198,27 +209,41 @@ class _Call:
         self.started_at, self.t0 = started_at, t0
         self.reached = False
 
-    async def run(self, timeout: float) -> CallOutcome:
+    async def prepare(self) -> "_Ready | tuple[CallStatus, str, int | None]":
+        """The process or session and its tools, or why the call cannot be made (not reached)."""
         calls, c = self.calls, self.c
-        key = (c.caller.user_id, c.request_id)
         try:
             target = await calls.target(c.caller, self.entry, c.request_id, c.meta.correlation_id)
             upstream = await calls.upstreams.open(target)
             tools = await upstream.tools()
-            if not any(t.name == c.tool for t in tools):
-                names = ", ".join(t.name for t in tools[:50]) or "none"
-                return self.finish(
-                    "error",
-                    f"The server '{c.server}' has no tool named {c.tool!r}. Its tools: {names}.",
-                    codes.INVALID_PARAMS,
-                )
+        except MissingSecret as missing:
+            return "error", str(missing), codes.MISSING_SECRET
+        except UpstreamError as err:
+            self.reached = err.reached
+            if not err.reached:
+                await calls.note(c.caller.user_id, self.entry, ServerStatus("error", 0, str(err)))
+            return ("timeout" if err.status == "timeout" else "error"), str(err), err.code
+        except Exception:  # a bug here must still answer, and leave its record
+            log.exception("preparing tool call %s on %s failed inside mcp_proxy", c.request_id, c.server)
+            self.reached = True  # unknown: counted as reached, never silently free
+            return "error", "The call failed inside the gateway; it may be retried.", codes.UPSTREAM_FAILED
+        if not any(t.name == c.tool for t in tools):
+            names = ", ".join(t.name for t in tools[:50]) or "none"
+            message = f"The server '{c.server}' has no tool named {c.tool!r}. Its tools: {names}."
+            return "error", message, codes.INVALID_PARAMS
+        return _Ready(upstream, len(tools))
+
+    async def send(self, ready: "_Ready", timeout: float) -> CallOutcome:
+        calls, c = self.calls, self.c
+        key = (c.caller.user_id, c.request_id)
+        upstream = ready.upstream
+        try:
             calls._in_flight[key] = upstream
             try:
-                reply = await upstream.call(c.tool, self.arguments, timeout, c.request_id)
+                listener = calls.notices.listener(c)
+                reply = await upstream.call(c.tool, self.arguments, timeout, c.request_id, listener)
             finally:
                 calls._in_flight.pop(key, None)
-        except MissingSecret as missing:
-            return self.finish("error", str(missing), codes.MISSING_SECRET)
         except UpstreamError as err:
             self.reached = err.reached
             if not err.reached:
@@ -232,7 +257,7 @@ class _Call:
                 "error", "The call failed inside the gateway; it may be retried.", codes.UPSTREAM_FAILED
             )
         self.reached = True
-        await calls.note(c.caller.user_id, self.entry, ServerStatus("ok", len(tools)))
+        await calls.note(c.caller.user_id, self.entry, ServerStatus("ok", ready.tools_count))
         if reply.result is None:
             return self.finish(
                 "error", reply.error or "The upstream answered with an error.", reply.error_code

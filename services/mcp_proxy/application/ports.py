@@ -13,7 +13,8 @@ from typing import Protocol
 
 import msgspec
 
-from contracts.commands.mcp import Caller, Tool
+from contracts.commands.common import Problem
+from contracts.commands.mcp import Caller, CallTool, Tool
 from services.mcp_proxy.domain.pooling import PoolKey
 
 
@@ -48,6 +49,16 @@ class QuotaExceeded(Exception):
         super().__init__(detail)
         self.detail, self.retry_after_s = detail, retry_after_s
 
+    def problem(self) -> Problem:
+        """The refusal as the gateway shows it: 429 with the quota service's sentence."""
+        return Problem(
+            status=429,
+            title="Quota exceeded",
+            detail=self.detail,
+            code="quota_exceeded",
+            retry_after_s=self.retry_after_s,
+        )
+
 
 class Reservation(msgspec.Struct, frozen=True):
     request_id: str
@@ -70,6 +81,31 @@ class AllowAll:
         return None
 
     async def release(self, reservation: Reservation) -> None:
+        return None
+
+
+class ServerSlots(Protocol):
+    """The server limit: a user's own registrations hold one unit each (docs/quota.md).
+
+    `reserve` raises QuotaExceeded over the limit; reserving a key that already holds a
+    unit answers with it (a name counts once). `commit` and `release` are idempotent.
+    """
+
+    async def reserve(self, caller: Caller, key: str) -> None: ...
+    async def commit(self, caller: Caller, key: str) -> None: ...
+    async def release(self, caller: Caller, key: str, reason: str) -> None: ...
+
+
+class NoServerLimit:
+    """Without the quota service (GATEHOUSE_MCP_QUOTA=off): only MAX_SERVERS applies."""
+
+    async def reserve(self, caller: Caller, key: str) -> None:
+        return None
+
+    async def commit(self, caller: Caller, key: str) -> None:
+        return None
+
+    async def release(self, caller: Caller, key: str, reason: str) -> None:
         return None
 
 
@@ -148,11 +184,40 @@ class CallCanceled(UpstreamError):
         super().__init__(message, reached=True)
 
 
+class CallListener(Protocol):
+    """Where an upstream's notifications during one call go (adapters/notices.py).
+
+    `progress` takes the upstream's `notifications/progress` params (its token is replaced by
+    the client's), `log` a `notifications/message`'s params; both return at once. `flush`
+    waits until everything handed over has been sent, before the call's outcome is.
+    """
+
+    wants_progress: bool
+    wants_logs: bool
+
+    def progress(self, params: bytes) -> None: ...
+    def log(self, params: bytes) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class Notices(Protocol):
+    def listener(self, call: CallTool) -> CallListener | None:
+        """None when the caller wants no notifications of this call."""
+        ...
+
+
+class NoNotices:
+    def listener(self, call: CallTool) -> CallListener | None:
+        return None
+
+
 class Upstream(Protocol):
     """One live process or session, used by one user."""
 
     async def tools(self, refresh: bool = False) -> list[Tool]: ...
-    async def call(self, tool: str, arguments: bytes, timeout: float, call_id: str) -> Reply: ...
+    async def call(
+        self, tool: str, arguments: bytes, timeout: float, call_id: str, listener: CallListener | None = None
+    ) -> Reply: ...
     def cancel(self, call_id: str) -> bool: ...
 
 

@@ -14,15 +14,20 @@ from collections.abc import Callable
 from typing import Any
 
 from contracts.commands.mcp import Caller, Scope, ServerSpec
-from services.mcp_proxy.application.ports import Upstreams
+from services.mcp_proxy.application.ports import NoServerLimit, ServerSlots, Upstreams
 from services.mcp_proxy.application.store import ProxyStore
 from services.mcp_proxy.domain.addresses import Resolver, system_resolver
 from services.mcp_proxy.domain.catalog import Entry, catalog_id, visible
-from services.mcp_proxy.domain.errors import Forbidden, NotFound
+from services.mcp_proxy.domain.errors import Conflict, Forbidden, NotFound
 from services.mcp_proxy.domain.specs import SpecPolicy, check_server_name, check_spec
 
 Owner = tuple[Scope, str]
 RECHECK_S = 0.2
+
+
+def server_key(name: str) -> str:
+    """The quota reservation key of a user's own server: one name, one unit."""
+    return f"server:user:{name}"
 
 
 class Registry:
@@ -34,8 +39,10 @@ class Registry:
         upstreams: Upstreams,
         resolve: Resolver = system_resolver,
         clock: Callable[[], float] = time.monotonic,
+        slots: ServerSlots | None = None,
     ) -> None:
         self.store, self.policy, self.ttl_s = store, policy, ttl_s
+        self.slots: ServerSlots = slots if slots is not None else NoServerLimit()
         self.upstreams, self._resolve, self._clock = upstreams, resolve, clock
         self._cache: dict[Owner, tuple[float, dict[str, Entry]]] = {}  # owner -> (loaded at, entries)
         self._loading: dict[Owner, asyncio.Future[dict[str, Entry]]] = {}
@@ -91,8 +98,32 @@ class Registry:
             raise Forbidden("only an org admin may register a server for the whole org")
         await asyncio.to_thread(check_spec, spec, self.policy, self._resolve)
         owner_id = caller.org_id if scope == "org" else caller.user_id
-        entry = await asyncio.to_thread(self.store.register, scope, owner_id, caller.org_id, spec, meta)
+        if scope == "org":  # an org's servers are its admins'; they count against no user's limit
+            entry = await asyncio.to_thread(self.store.register, scope, owner_id, caller.org_id, spec, meta)
+        else:
+            entry = await self._register_counted(caller, spec, meta)
         self.changed(scope, owner_id)
+        return entry
+
+    async def _register_counted(self, caller: Caller, spec: ServerSpec, meta: dict[str, Any]) -> Entry:
+        """Reserve a unit of the server limit, record the registration, then commit the unit.
+
+        A name already registered holds its unit (the commit is a no-op, or confirms a unit
+        its registration never got); any other failure gives the unit back.
+        """
+        key = server_key(spec.name)
+        await self.slots.reserve(caller, key)  # QuotaExceeded over the limit
+        try:
+            entry = await asyncio.to_thread(
+                self.store.register, "user", caller.user_id, caller.org_id, spec, meta
+            )
+        except Conflict:
+            await self.slots.commit(caller, key)
+            raise
+        except Exception:
+            await self.slots.release(caller, key, "registration_failed")
+            raise
+        await self.slots.commit(caller, key)
         return entry
 
     async def remove(self, caller: Caller, name: str, scope: Scope | None, meta: dict[str, Any]) -> Entry:
@@ -108,10 +139,13 @@ class Registry:
             if not caller.is_admin:
                 raise Forbidden(f"{name!r} is registered for the whole org; only an org admin may remove it")
         elif name not in user:
+            await self.slots.release(caller, server_key(name), "removed")  # a unit left behind, if any
             raise NotFound(f"you have no server named {name!r}")
         owner_id = caller.org_id if scope == "org" else caller.user_id
         entry = await asyncio.to_thread(self.store.remove, scope, owner_id, name, meta)
         self.changed(scope, owner_id, removed=name)
+        if scope == "user":
+            await self.slots.release(caller, server_key(name), "removed")
         return entry
 
     def changed(self, scope: Scope, owner_id: str, removed: str | None = None) -> None:

@@ -19,9 +19,9 @@ from contracts.commands.mcp import (
     Tool,
     ToolCatalog,
 )
-from services.kit.rpc import refuse
+from services.kit.rpc import CommandFailed, refuse
 from services.mcp_proxy.application.calls import Calls
-from services.mcp_proxy.application.ports import ServerStatus, UpstreamError
+from services.mcp_proxy.application.ports import QuotaExceeded, ServerStatus, UpstreamError
 from services.mcp_proxy.application.registry import Registry
 from services.mcp_proxy.domain.catalog import Entry
 from services.mcp_proxy.domain.errors import MissingSecret
@@ -51,7 +51,10 @@ class Servers:
         self.registry, self.calls = registry, calls
 
     async def register(self, c: RegisterServer) -> ServerView:
-        entry = await self.registry.register(c.caller, c.scope, c.spec, meta_dict(c.meta))
+        try:
+            entry = await self.registry.register(c.caller, c.scope, c.spec, meta_dict(c.meta))
+        except QuotaExceeded as over:  # the server limit: 429 with the quota service's sentence
+            raise CommandFailed(over.problem()) from None
         return view(entry, None)
 
     async def list_servers(self, caller: Caller) -> ServerList:

@@ -27,6 +27,7 @@ from typing import Any
 
 import psycopg
 from eventsourcing.domain import DomainEvent
+from eventsourcing.persistence import StoredEvent
 from psycopg.sql import SQL, Identifier
 
 from services.kit.tasks import stop_task
@@ -68,7 +69,7 @@ class GroupWriter:
         recorder: Any = store.recorder
         self._insert = SQL(
             "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
-            "SELECT * FROM unnest(%s::uuid[], %s::bigint[], %s::text[], %s::bytea[]) "
+            "SELECT * FROM unnest(%s::text::uuid[], %s::text::bigint[], %s::text::text[], %s::text::bytea[]) "
             "RETURNING notification_id"
         ).format(Identifier(recorder.datastore.schema), Identifier(recorder.events_table_name))
 
@@ -159,13 +160,7 @@ class GroupWriter:
         """The seal first, then the facts, in one statement; returns the last notification id."""
         events: list[DomainEvent] = [self.store.seal(version, self.holder, len(entries), datetime.now(UTC))]
         events.extend(recordable(fact, reservation, meta) for fact, reservation, meta in entries)
-        stored = [self.store.mapper.to_stored_event(e) for e in events]
-        params = [
-            [s.originator_id for s in stored],
-            [s.originator_version for s in stored],
-            [s.topic for s in stored],
-            [s.state for s in stored],
-        ]
+        params = array_literals([self.store.mapper.to_stored_event(e) for e in events])
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await psycopg.AsyncConnection.connect(
@@ -194,6 +189,24 @@ class GroupWriter:
             if group.future is not None and not group.future.done():
                 group.future.set_exception(WriteFailed(str(err)))
                 group.future.add_done_callback(_retrieve)
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def array_literals(stored: list[StoredEvent]) -> list[str]:
+    """The four columns as PostgreSQL array literals (text), cast to their types in the statement.
+
+    psycopg adapts a Python list element by element in Python; for a batch of a few dozen
+    rows that was a third of the write's CPU. Joined strings cost about half as much.
+    """
+    return [
+        "{" + ",".join(str(s.originator_id) for s in stored) + "}",
+        "{" + ",".join(str(s.originator_version) for s in stored) + "}",
+        "{" + ",".join(_quoted(s.topic) for s in stored) + "}",
+        "{" + ",".join('"\\\\x' + s.state.hex() + '"' for s in stored) + "}",
+    ]
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

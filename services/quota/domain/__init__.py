@@ -2,8 +2,10 @@
 
 from services.quota.domain.digest import Fingerprint, Snapshot, differences, fingerprint, snapshot
 from services.quota.domain.ledger import (
+    BUILD_RETRY_AFTER_S,
     EXPIRED,
     MAX_AMOUNT,
+    SERVER_RETRY_AFTER_S,
     Account,
     Committed,
     Decision,
@@ -33,10 +35,12 @@ from services.quota.domain.limits import (
 from services.quota.domain.period import label, period_end, period_start, seconds_until_next
 
 __all__ = [
+    "BUILD_RETRY_AFTER_S",
     "DEFAULT_TIERS",
     "EXPIRED",
     "KINDS",
     "MAX_AMOUNT",
+    "SERVER_RETRY_AFTER_S",
     "Account",
     "Committed",
     "Decision",

@@ -40,6 +40,9 @@ MAX_KEY_LENGTH = 200
 MAX_REASON_LENGTH = 200
 EXPIRED = "expired"
 BUILD_RETRY_AFTER_S = 30
+# Waiting frees no server (removing one or upgrading does, at once); the header still tells
+# clients that retry on 429 not to do so in a tight loop.
+SERVER_RETRY_AFTER_S = 60
 REFUSAL_RECORD_INTERVAL = timedelta(seconds=60)
 EXPIRING_KINDS = frozenset({"call", "server"})
 
@@ -251,13 +254,11 @@ class Ledger:
         used = self.used(account.user_id, kind, now)
         if limit is not None and used + amount > limit:
             return self._refuse(account, kind, key, amount, used, limit, now)
-        if existing is not None:
-            rid = existing.reservation_id  # a released key reserved again: the next version
-        else:
-            rid = reservation_id(account.user_id, key, label(start, self.period) if kind == "call" else "")
+        rid = self._next_id(account.user_id, key, kind, start, existing)
+        prior = self.reservations.get(rid)
         fact = Reserved(
             reservation_id=rid,
-            version=existing.version + 1 if existing else 1,
+            version=prior.version + 1 if prior is not None else 1,
             key=key,
             user_id=account.user_id,
             org_id=account.org_id,
@@ -281,14 +282,29 @@ class Ledger:
             facts=[fact],
         )
 
+    def _next_id(
+        self, user_id: str, key: str, kind: Kind, start: datetime, released: Reservation | None
+    ) -> str:
+        """The aggregate a new hold of a key is recorded on (its next version when it exists).
+
+        A released key reserved again for the same kind (and, for a call, in the same period)
+        continues its reservation. Otherwise the id is derived afresh; when that aggregate
+        already exists (the key was used for another kind in between), it continues too, so
+        an id never starts again at version 1 and never collides in the store.
+        """
+        same = released is not None and released.kind == kind
+        if same and released is not None and (kind != "call" or released.period_start == start):
+            return released.reservation_id
+        return reservation_id(user_id, key, label(start, self.period) if kind == "call" else "")
+
     def _refuse(
         self, account: Account, kind: Kind, key: str, amount: int, used: int, limit: int, now: datetime
     ) -> Decision:
         sentence = over_limit_sentence(kind, limit, self.period, self.tiers.upgrade(account.tier, kind))
         if kind == "call":
-            retry_after: int | None = seconds_until_next(now, self.period)
+            retry_after = seconds_until_next(now, self.period)
         else:
-            retry_after = BUILD_RETRY_AFTER_S if kind == "build_slot" else None
+            retry_after = BUILD_RETRY_AFTER_S if kind == "build_slot" else SERVER_RETRY_AFTER_S
         facts: list[Fact] = []
         last = self._refusals.get((account.user_id, kind))
         if last is None or now - last >= REFUSAL_RECORD_INTERVAL or now < last:

@@ -40,6 +40,7 @@ def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Lit
         ),
         security=[{"bearer": []}, {"apiKeyHeader": []}],
     )
+    auth = AuthMiddleware(gateway)
     app = Litestar(
         route_handlers=[
             health.health,
@@ -48,6 +49,7 @@ def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Lit
             keys.KeysController,
             admin.AdminUsersController,
             audit.audit,
+            audit.export,
             quota.quota,
             secrets.SecretsController,
             secrets.OrgSecretsController,
@@ -56,7 +58,7 @@ def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Lit
             *mcp_sse.HANDLERS,
             *builds.HANDLERS,
         ],
-        middleware=[AuthMiddleware(gateway)],
+        middleware=[auth],
         # W3C trace context from the caller (or a new trace) follows the request onto NATS.
         # The MCP transports join the caller's trace themselves (mcp_asgi.continue_trace).
         plugins=[
@@ -72,5 +74,6 @@ def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Lit
     )
     app.state.gateway = gateway
     app.state.feed = feed
+    app.state.auth_failures = auth.failures  # stopped (flushed) by bootstrap.serve
     app.state.mcp = McpFace(gateway)
     return app

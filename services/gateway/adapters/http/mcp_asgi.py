@@ -19,6 +19,11 @@ from services.kit import telemetry
 NO_HTTP_SPAN_PATHS: Final = ["^/mcp$", "^/servers/[^/]+/mcp/?$", "^/sse$", "^/messages$"]
 
 JSON: Final = (b"content-type", b"application/json")
+SSE_HEADERS: Final = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
 class ClientGone(Exception):
@@ -91,6 +96,53 @@ async def respond(
     start: Any = {"type": "http.response.start", "status": status, "headers": head}
     await send(start)
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def event(kind: bytes, data: bytes) -> bytes:
+    """One server-sent event."""
+    if b"\n" in data or b"\r" in data:  # JSON whitespace only (newlines in strings are escaped)
+        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        return b"event: " + kind + b"\r\n" + b"".join(b"data: " + line + b"\r\n" for line in lines) + b"\r\n"
+    return b"event: " + kind + b"\r\ndata: " + data + b"\r\n\r\n"
+
+
+def accepts_events(headers: dict[bytes, bytes]) -> bool:
+    """The client listed `text/event-stream` in Accept (Streamable HTTP clients must)."""
+    return b"text/event-stream" in headers.get(b"accept", b"").lower()
+
+
+class StreamedAnswer:
+    """A POST's answer: plain JSON, unless notifications come first; then an SSE stream that
+    carries them as `message` events, ends with the response and closes (Streamable HTTP)."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.streaming = False
+        self.gone = False
+
+    async def notice(self, message: bytes) -> None:
+        if not self.streaming:
+            self.streaming = True
+            start: Any = {"type": "http.response.start", "status": 200, "headers": SSE_HEADERS}
+            await self._write(start)
+        await self._write(
+            {"type": "http.response.body", "body": event(b"message", message), "more_body": True}
+        )
+
+    async def finish(self, status: int, answer: bytes, headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+        if not self.streaming:
+            return await respond(self.send, status, answer, headers)
+        await self._write(
+            {"type": "http.response.body", "body": event(b"message", answer), "more_body": False}
+        )
+
+    async def _write(self, message: Any) -> None:
+        if self.gone:
+            return
+        try:
+            await self.send(message)
+        except OSError:  # the client went away: the call goes on (or is abandoned by its owner)
+            self.gone = True
 
 
 async def reject(

@@ -8,6 +8,12 @@ A POST is routed by what it carries:
 - anything else needs a live session of this caller on this endpoint (else 404, or 400
   when no session id was sent at all).
 `DELETE` ends a session; `GET` is 405 (no server-initiated stream is offered).
+
+A request answers `application/json`, except a `tools/call` from a client that accepts
+`text/event-stream` during which the upstream sends notifications (progress for the call's
+progress token; log messages for a session that sent `logging/setLevel`, or in the stateless
+era a request that opts in): from the first one on, the answer is an SSE stream of those
+notifications, then the response.
 """
 
 import asyncio
@@ -106,8 +112,10 @@ async def _post(
     ctx = _context(scope, headers, principal, server, modern=False, version=version)
     ctx.session_id = session_id
     if message.is_request:
+        answer_to = _answer_to(send, headers, message, ctx)
+        ctx.log_level = session.log_level if session is not None else None  # set by logging/setLevel
         status, answer = await face.exchange.request(ctx, message)
-        return await io.respond(send, status, answer)
+        return await answer_to.finish(status, answer)
     if message.is_notification:
         await face.exchange.notification(ctx, message)
     await io.respond(send, 202)  # notifications and responses: accepted, no body
@@ -141,6 +149,7 @@ async def _stateless(
     if message.method != "tools/call":
         status, answer = await face.exchange.request(ctx, message)
         return await io.respond(send, status, answer)
+    answer_to = _answer_to(send, headers, message, ctx)
     # Closing the response is how a 2026-07-28 client cancels a call.
     watcher = asyncio.ensure_future(io.disconnected(receive))
     watcher.add_done_callback(lambda task: _abandon(face, ctx, task))
@@ -148,7 +157,17 @@ async def _stateless(
         status, answer = await face.exchange.request(ctx, message)
     finally:
         watcher.cancel()
-    await io.respond(send, status, answer)
+    await answer_to.finish(status, answer)
+
+
+def _answer_to(
+    send: Send, headers: dict[bytes, bytes], message: p.Message, ctx: Context
+) -> io.StreamedAnswer:
+    """JSON, or SSE once a tool call's first notification arrives (if the client accepts it)."""
+    answer_to = io.StreamedAnswer(send)
+    if message.method == "tools/call" and io.accepts_events(headers):
+        ctx.listener = answer_to
+    return answer_to
 
 
 def _abandon(face: McpFace, ctx: Context, watcher: "asyncio.Future[None]") -> None:

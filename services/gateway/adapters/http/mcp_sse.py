@@ -4,7 +4,9 @@ older clients.
 `GET /sse` (key in a header, or `?api_key=`) opens a stream whose first event is `endpoint`
 with `/messages?session_id=<id>`. Each POST there is answered `202 Accepted`; its JSON-RPC
 response arrives as a `message` event on the stream. The stream is held by one replica; a
-POST that lands on another is answered there and relayed over NATS (`mcp.sse.<id>`).
+POST that lands on another is answered there and relayed over NATS (`mcp.sse.<id>`). The
+progress and log notifications of a tool call go the same way, as `message` events before
+its response.
 
 A POST may carry the key again; if it does not (clients that put `?api_key=` on the SSE
 URL cannot), the unguessable session id stands in for it, and the key that opened the
@@ -31,18 +33,8 @@ from services.gateway.mcp import protocol as p
 from services.gateway.mcp.exchange import Context
 
 KEEPALIVE_S: Final = 15.0
-_SSE_HEADERS: Final = [
-    (b"content-type", b"text/event-stream"),
-    (b"cache-control", b"no-cache, no-transform"),
-    (b"x-accel-buffering", b"no"),
-]
-
-
-def event(kind: bytes, data: bytes) -> bytes:
-    if b"\n" in data or b"\r" in data:  # JSON whitespace only (newlines in strings are escaped)
-        lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-        return b"event: " + kind + b"\r\n" + b"".join(b"data: " + line + b"\r\n" for line in lines) + b"\r\n"
-    return b"event: " + kind + b"\r\ndata: " + data + b"\r\n\r\n"
+_SSE_HEADERS: Final = io.SSE_HEADERS
+event = io.event
 
 
 @asgi("/sse", copy_scope=False)
@@ -151,6 +143,8 @@ async def sse_message(scope: Scope, receive: Receive, send: Send) -> None:
         session_id=session_id,
         ip=client_ip(scope),
         user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
+        listener=_OnTheStream(face, session_id),
+        log_level=session.log_level,  # set by logging/setLevel
     )
     await io.respond(send, 202)
     if message.is_request:
@@ -173,6 +167,16 @@ async def _answer(face: McpFace, ctx: Context, message: p.Message) -> None:
     else:
         _, answer = await face.exchange.request(ctx, message)
     await face.relay.deliver(ctx.session_id, answer)
+
+
+class _OnTheStream:
+    """A call's notifications, on the session's stream (wherever it is held) before its response."""
+
+    def __init__(self, face: McpFace, session_id: str) -> None:
+        self.face, self.session_id = face, session_id
+
+    async def notice(self, message: bytes) -> None:
+        await self.face.relay.deliver(self.session_id, message)
 
 
 def _principal(face: McpFace, scope: Scope, headers: dict[bytes, bytes], session: McpSession) -> Principal:

@@ -45,6 +45,7 @@ class _Error(msgspec.Struct):
 class _Incoming(msgspec.Struct):
     id: int | str | None = None
     method: str | None = None
+    params: msgspec.Raw = msgspec.Raw(b"")  # a notification's, kept raw
     result: msgspec.Raw = msgspec.Raw(b"")  # empty: absent
     error: _Error | None = None
 
@@ -58,7 +59,7 @@ class JsonRpcPeer:
         write: Callable[[bytes], None],
         max_line: int,
         on_fatal: Callable[[str], None],
-        on_notification: Callable[[str], None] = lambda method: None,
+        on_notification: Callable[[str, bytes], None] = lambda method, params: None,
         label: str = "upstream",
     ) -> None:
         self._write, self.max_line = write, max_line
@@ -172,7 +173,7 @@ class JsonRpcPeer:
             if msg.id is not None:
                 self._answer_request(msg.id, msg.method)
             else:
-                self._on_notification(msg.method)
+                self._on_notification(msg.method, msg.params)
             return
         if not isinstance(msg.id, int):
             return  # not one of ours

@@ -37,6 +37,7 @@ from services.mcp_proxy.adapters.listing import contract_tools, decode_tool_page
 from services.mcp_proxy.adapters.stdio.jsonrpc import JsonRpcPeer, RpcError
 from services.mcp_proxy.adapters.stdio.launch import StderrLog, limit_resources, user_home
 from services.mcp_proxy.application.ports import (
+    CallListener,
     Reply,
     Target,
     UpstreamFailed,
@@ -70,7 +71,12 @@ class _ErrorResult(msgspec.Struct):
     content: list[_Text] = msgspec.field(default_factory=list)
 
 
+class _ProgressHead(msgspec.Struct):
+    progressToken: str | int | None = None
+
+
 _decode_head = msgspec.json.Decoder(_ResultHead).decode
+_decode_progress = msgspec.json.Decoder(_ProgressHead).decode
 _decode_error_result = msgspec.json.Decoder(_ErrorResult).decode
 
 
@@ -105,6 +111,7 @@ class StdioProcess(asyncio.SubprocessProtocol):
         self._exited = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
         self._calls: dict[str, int] = {}  # call id -> JSON-RPC id, for cancel
+        self._listeners: dict[str, CallListener] = {}  # call id (also its progress token upstream)
         self.peer = JsonRpcPeer(
             self._write,
             settings.max_message_bytes,
@@ -269,9 +276,25 @@ class StdioProcess(asyncio.SubprocessProtocol):
         self.retired = why
         self.stop(why)
 
-    def _notified(self, method: str) -> None:
+    def _notified(self, method: str, params: bytes) -> None:
         if method == "notifications/tools/list_changed":
             self._tools = None
+        elif not self._listeners:
+            return
+        elif method == "notifications/progress":
+            try:
+                token = _decode_progress(params).progressToken
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return
+            listener = self._listeners.get(token) if isinstance(token, str) else None
+            if listener is not None:
+                listener.progress(params)
+        elif method == "notifications/message":
+            # stdio cannot say which request a log line belongs to: every call of this user's
+            # process that asked for logs gets it
+            for listener in self._listeners.values():
+                if listener.wants_logs:
+                    listener.log(params)
 
     def _write(self, line: bytes) -> None:
         stdin = self._stdin
@@ -301,12 +324,19 @@ class StdioProcess(asyncio.SubprocessProtocol):
         self._tools = tools
         return tools
 
-    async def call(self, tool: str, arguments: bytes, timeout: float, call_id: str) -> Reply:
+    async def call(
+        self, tool: str, arguments: bytes, timeout: float, call_id: str, listener: CallListener | None = None
+    ) -> Reply:
         self.in_flight += 1
         self.last_used = time.monotonic()
         if b"\n" in arguments or b"\r" in arguments:  # outside strings they are whitespace
             arguments = arguments.replace(b"\n", b" ").replace(b"\r", b" ")
-        params = b'{"name":' + _encoder.encode(tool) + b',"arguments":' + arguments + b"}"
+        params = b'{"name":' + _encoder.encode(tool) + b',"arguments":' + arguments
+        if listener is not None:
+            self._listeners[call_id] = listener
+            if listener.wants_progress:  # our token upstream; the listener puts the client's back
+                params += b',"_meta":{"progressToken":' + _encoder.encode(call_id) + b"}"
+        params += b"}"
         rid = 0
         try:
             rid, fut = self.peer.send("tools/call", params)
@@ -324,6 +354,9 @@ class StdioProcess(asyncio.SubprocessProtocol):
             return Reply(None, error=err.message, error_code=err.code)
         finally:
             self._calls.pop(call_id, None)
+            if listener is not None:
+                self._listeners.pop(call_id, None)
+                await listener.flush()  # every notification is out before the outcome
             self.in_flight -= 1
             self.last_used = time.monotonic()
             if self.retired is not None and self.in_flight == 0:
