@@ -66,55 +66,6 @@ class AuditStore:
         return self._pool
 
     # -- writes, on the projection's connection -------------------------------------------
-    async def head(self, conn: Conn, org_id: str) -> Head:
-        cur = await conn.execute(
-            self._sql("SELECT seq, hash FROM {s}.chain_heads WHERE org_id = %s FOR UPDATE"),
-            [org_id],
-        )
-        row = await cur.fetchone()
-        return Head(org_id, int(row[0]), str(row[1])) if row else genesis(org_id)
-
-    async def append(self, conn: Conn, entry: Entry) -> bool:
-        """Adds a sealed entry and moves its chain's head, in one round trip.
-
-        False when an entry with this id exists (the same event published twice): then
-        neither the entries nor the head change.
-        """
-        a = entry.actor
-        cur = await conn.execute(
-            self._sql(
-                "WITH added AS (INSERT INTO {s}.entries ({cols}) VALUES (%s, %s, %s, %s, %s, %s, "
-                "%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s, %s, %s, %s) "
-                "ON CONFLICT (id) DO NOTHING RETURNING org_id, seq, hash) "
-                "INSERT INTO {s}.chain_heads (org_id, seq, hash) "
-                "SELECT org_id, seq, hash FROM added "
-                "ON CONFLICT (org_id) DO UPDATE SET seq = EXCLUDED.seq, hash = EXCLUDED.hash"
-            ),
-            [
-                entry.id,
-                entry.org_id,
-                entry.seq,
-                entry.stream_seq,
-                entry.at,
-                a.kind,
-                a.id,
-                a.key_id,
-                a.ip,
-                a.user_agent,
-                entry.subject_user_id,
-                entry.action,
-                entry.resource_type,
-                entry.resource_id,
-                entry.outcome,
-                _encoder.encode(entry.metadata).decode(),
-                entry.correlation_id,
-                entry.trace_id,
-                entry.prev_hash,
-                entry.hash,
-            ],
-        )
-        return cur.rowcount == 1
-
     async def heads(self, conn: Conn, org_ids: Iterable[str]) -> dict[str, Head]:
         """The heads of these chains, locked until the transaction ends (genesis if new)."""
         wanted = sorted(set(org_ids))  # a fixed lock order
