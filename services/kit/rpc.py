@@ -101,9 +101,12 @@ class CommandServer:
 
     async def _serve(self, msg: Msg) -> None:
         decoder, handler = self._routes[msg.subject]
-        token = telemetry.attach(telemetry.extract(msg.headers))
+        token = telemetry.attach(telemetry.incoming(msg.headers))
         try:
-            with telemetry.tracer("gatehouse.rpc").start_as_current_span(f"cmd {msg.subject}"):
+            if telemetry.recording():
+                with telemetry.tracer("gatehouse.rpc").start_as_current_span(f"cmd {msg.subject}"):
+                    body = await self._answer(msg, decoder, handler)
+            else:
                 body = await self._answer(msg, decoder, handler)
         finally:
             telemetry.detach(token)

@@ -1,8 +1,8 @@
 """The audit schema's tables, created idempotently when a service instance starts.
 
 Every page is one org's entries, newest (highest seq) first, with at most one or two
-filters: each index leads with the org and ends with `seq`, so PostgreSQL walks the index
-backwards and stops after `limit` rows instead of sorting the org's matches (~1 ms at
+filters: each index leads with the org, then `seq` (then `at`), so PostgreSQL walks the
+index backwards and stops after `limit` rows instead of sorting the org's matches (~1 ms at
 1,000,000 entries; see docs/replay.md).
 """
 
@@ -42,6 +42,11 @@ DROP INDEX IF EXISTS {s}.entries_org_action;
 DROP INDEX IF EXISTS {s}.entries_actor;
 DROP INDEX IF EXISTS {s}.entries_subject_user;
 DROP INDEX IF EXISTS {s}.entries_at;
+DROP INDEX IF EXISTS {s}.entries_org_action_seq;
+DROP INDEX IF EXISTS {s}.entries_org_actor_seq;
+DROP INDEX IF EXISTS {s}.entries_org_subject_seq;
+DROP INDEX IF EXISTS {s}.entries_org_resource_seq;
+DROP INDEX IF EXISTS {s}.entries_org_at;
 CREATE TABLE IF NOT EXISTS {s}.chain_heads (
     org_id text PRIMARY KEY,
     seq bigint NOT NULL,
@@ -52,13 +57,17 @@ CREATE TABLE IF NOT EXISTS {s}.chain_heads (
 
 # The indexes pages are read through. A rebuild drops them with the entries and makes them
 # again once caught up: building an index over a million rows at the end costs far less
-# than keeping five of them up to date row by row (see docs/replay.md).
+# than keeping six of them up to date row by row (see docs/replay.md).
+# Each ends with `at` after `seq`: a since/until window is then checked on the index entry
+# itself while the scan walks seq downwards, instead of fetching every newer row from the
+# table to read its time (482 ms for a window over a 300,000-entry org without it).
 READ_INDEXES = {
-    "entries_org_action_seq": "org_id, action, seq",
-    "entries_org_actor_seq": "org_id, actor_id, seq",
-    "entries_org_subject_seq": "org_id, subject_user_id, seq",
-    "entries_org_resource_seq": "org_id, resource_id, seq",
-    "entries_org_at": "org_id, at",
+    "entries_org_action_seq_at": "org_id, action, seq, at",
+    "entries_org_actor_seq_at": "org_id, actor_id, seq, at",
+    "entries_org_subject_seq_at": "org_id, subject_user_id, seq, at",
+    "entries_org_resource_seq_at": "org_id, resource_id, seq, at",
+    "entries_org_type_seq_at": "org_id, resource_type, seq, at",
+    "entries_org_seq_at": "org_id, seq, at",
 }
 
 
