@@ -6,7 +6,7 @@ the gateway nor the proxy re-validates what it only forwards.
 """
 
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 import msgspec
 
@@ -94,10 +94,20 @@ class Tool(msgspec.Struct, kw_only=True, omit_defaults=True):
     title: str | None = None
 
 
+class UpstreamFeatures(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """What an upstream offers besides tools, as its initialize result declared it."""
+
+    resources: bool = False
+    subscribe: bool = False  # resources/subscribe and resources/unsubscribe
+    prompts: bool = False
+    completions: bool = False
+
+
 class ServerTools(msgspec.Struct, kw_only=True):
     server: str
     tools: list[Tool] = msgspec.field(default_factory=list)
     error: str | None = None  # the server could not be listed (the others still are)
+    features: UpstreamFeatures = msgspec.field(default_factory=UpstreamFeatures)
 
 
 class ListTools(msgspec.Struct, kw_only=True):
@@ -139,6 +149,48 @@ class CallOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     error_code: int | None = None  # JSON-RPC error code for MCP clients
     duration_ms: float = 0.0
     timestamp: datetime | None = None
+
+
+# Methods `cmd.mcp_proxy.request` forwards (anything else is answered with -32601).
+FORWARDED_METHODS: Final = (
+    "resources/list",
+    "resources/templates/list",
+    "resources/read",
+    "resources/subscribe",
+    "resources/unsubscribe",
+    "prompts/list",
+    "prompts/get",
+    "completion/complete",
+)
+
+
+class ForwardRequest(msgspec.Struct, kw_only=True):
+    """One MCP request to one upstream, on the caller's pooled process or session.
+
+    `params` is the client's params object, raw (without its `_meta`); the upstream's result
+    comes back raw as well. Not a tool call: not metered.
+    """
+
+    meta: CommandMeta
+    caller: Caller
+    server: str
+    method: str  # one of FORWARDED_METHODS
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class RpcError(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A JSON-RPC error: the upstream's own, or mcp_proxy's (codes as in CallOutcome)."""
+
+    code: int
+    message: str
+    data: msgspec.Raw | None = None  # the upstream's `data`, as sent
+
+
+class ForwardOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Exactly one of `result` (the upstream's, as sent) and `error`."""
+
+    result: msgspec.Raw | None = None
+    error: RpcError | None = None
 
 
 class CancelCall(msgspec.Struct, kw_only=True):

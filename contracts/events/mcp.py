@@ -1,6 +1,7 @@
 """Facts published by mcp_proxy (subjects `events.mcp_proxy.<name>`).
 
-Call events carry a hash and the sizes of the arguments, never the arguments themselves.
+Call and request events carry a hash and the sizes of the arguments (params), never the
+arguments themselves, nor results.
 """
 
 from datetime import datetime
@@ -38,6 +39,24 @@ class ToolCallCompleted(msgspec.Struct, kw_only=True):
     error: str | None = None
 
 
+class UpstreamRequestCompleted(msgspec.Struct, kw_only=True):
+    """A forwarded request that reads or changes something upstream (resources/read,
+    prompts/get, resources/subscribe, resources/unsubscribe). Never charged as a tool call."""
+
+    request_id: str
+    user_id: str
+    server: str
+    method: str
+    status: str  # "success" | "error" | "timeout"
+    outcome: str  # audit outcome: "success" | "failure"
+    duration_ms: float
+    params_sha256: str
+    params_bytes: int
+    result_bytes: int
+    started_at: datetime
+    error: str | None = None
+
+
 class UpstreamProcessStarted(msgspec.Struct, kw_only=True):
     server: str
     user_id: str
@@ -57,6 +76,7 @@ EVENTS: dict[str, type[msgspec.Struct]] = {
     "mcp_proxy.server_registered": ServerRegistered,
     "mcp_proxy.server_removed": ServerRemoved,
     "mcp_proxy.tool_call_completed": ToolCallCompleted,
+    "mcp_proxy.upstream_request_completed": UpstreamRequestCompleted,
     "mcp_proxy.upstream_process_started": UpstreamProcessStarted,
     "mcp_proxy.upstream_process_stopped": UpstreamProcessStopped,
 }

@@ -30,6 +30,7 @@ from services.mcp_proxy.application.history import CallHistory
 from services.mcp_proxy.application.ports import AllowAll, QuotaGate
 from services.mcp_proxy.application.recorder import Recorder
 from services.mcp_proxy.application.registry import Registry
+from services.mcp_proxy.application.requests import Forwarding
 from services.mcp_proxy.application.servers import Servers
 from services.mcp_proxy.application.store import ProxyStore
 from services.mcp_proxy.config import load_proxy_settings
@@ -104,7 +105,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     server = CommandServer(bus, SCHEMA, max_in_flight=proxy.max_in_flight)
     add_ping(server, settings)
     serve_stored_events(server, outbox)  # for replays after the stream's retention
-    routes(server, Servers(registry, calls), calls, history)
+    routes(server, Servers(registry, calls), calls, Forwarding(calls, recorder), history)
     # Stopped in reverse: no new commands first, then processes (their stop events are
     # recorded), then the recorder's last flush, then the relay.
     return [

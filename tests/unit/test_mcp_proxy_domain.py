@@ -7,11 +7,12 @@ from datetime import UTC, datetime
 import msgspec
 import pytest
 
-from contracts.commands.mcp import CallOutcome, SecretRef, ServerSpec
+from contracts.commands.mcp import FORWARDED_METHODS, CallOutcome, SecretRef, ServerSpec, UpstreamFeatures
 from services.mcp_proxy.adapters.stdio.jsonrpc import JsonRpcPeer, RpcError
 from services.mcp_proxy.application.ports import CallCanceled, UpstreamFailed
 from services.mcp_proxy.application.recent import Recent
 from services.mcp_proxy.config import load_proxy_settings
+from services.mcp_proxy.domain import requests
 from services.mcp_proxy.domain.addresses import AddressPolicy, check_url, classify
 from services.mcp_proxy.domain.calls import ToolCall, arguments_digest
 from services.mcp_proxy.domain.catalog import ServerCatalog, catalog_id, visible
@@ -362,6 +363,17 @@ async def test_peer_flood_and_cancel() -> None:
         peer.send("tools/call", b"{}")
 
 
+async def test_peer_keeps_an_errors_data_raw() -> None:
+    wire = Wire()
+    peer = wire.peer()
+    read = asyncio.ensure_future(peer.request("resources/read", b'{"uri":"test://nope"}', 1))
+    await asyncio.sleep(0)
+    peer.feed(b'{"jsonrpc":"2.0","id":1,"error":{"code":-32602,"message":"Unknown","data":{"uri":"x"}}}\n')
+    with pytest.raises(RpcError) as err:
+        await read
+    assert (err.value.code, err.value.data) == (-32602, b'{"uri":"x"}')
+
+
 async def test_peer_timeout_leaves_nothing_pending() -> None:
     peer = Wire().peer()
     with pytest.raises(TimeoutError):
@@ -401,3 +413,32 @@ def test_settings_from_environment() -> None:
 
     with pytest.raises(ConfigError, match="GATEHOUSE_MCP_MAX_PROCS"):
         load_proxy_settings(Path("/d"), {"GATEHOUSE_MCP_MAX_PROCS": "lots"})
+
+
+# -- forwarded requests ------------------------------------------------------------------------------
+def test_every_forwarded_method_needs_a_feature_and_empty_lists_are_lists() -> None:
+    assert set(requests.NEEDS) == set(FORWARDED_METHODS)
+    assert requests.RECORDED < set(FORWARDED_METHODS)
+    for method, empty in requests.EMPTY_LISTS.items():
+        assert method.endswith("/list") and msgspec.json.decode(empty) in (
+            {"resources": []},
+            {"resourceTemplates": []},
+            {"prompts": []},
+        )
+
+
+def test_features_come_from_the_initialize_result() -> None:
+    everything = requests.features_of(
+        b'{"protocolVersion":"2025-11-25","capabilities":{"tools":{},"completions":{},'
+        b'"prompts":{"listChanged":false},"resources":{"subscribe":true}},"serverInfo":{"name":"x"}}'
+    )
+    assert everything == UpstreamFeatures(resources=True, subscribe=True, prompts=True, completions=True)
+    tools_only = requests.features_of(b'{"capabilities":{"tools":{}}}')
+    assert tools_only == UpstreamFeatures()
+    assert requests.features_of(b"not json") == UpstreamFeatures()
+    assert requests.features_of(b'{"capabilities":{"resources":{}}}') == UpstreamFeatures(resources=True)
+    assert requests.offered(everything, "resources/subscribe")
+    assert not requests.offered(UpstreamFeatures(resources=True), "resources/subscribe")
+    assert requests.offered(UpstreamFeatures(resources=True), "resources/templates/list")
+    assert not requests.offered(tools_only, "prompts/get")
+    assert not requests.offered(everything, "tools/call")  # not forwarded at all

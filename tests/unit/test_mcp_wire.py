@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from contracts.commands.mcp import FORWARDED_METHODS, UpstreamFeatures
 from services.gateway.adapters.mcp_face import OriginPolicy
 from services.gateway.mcp import naming
 from services.gateway.mcp import protocol as p
@@ -94,6 +95,47 @@ def test_one_servers_endpoint_is_described_with_unprefixed_names() -> None:
         text = json.loads(result)["instructions"]
         assert "`github`" in text and "__" not in text
     assert json.loads(p.DISCOVER_RESULT)["instructions"] == everything
+
+
+def test_one_servers_endpoint_declares_what_its_upstream_offers() -> None:
+    plain = {"tools": {"listChanged": True}, "logging": {}}
+    assert json.loads(p.initialize_result("2025-11-25"))["capabilities"] == plain
+    everything = UpstreamFeatures(resources=True, subscribe=True, prompts=True, completions=True)
+    declared = json.loads(p.initialize_result("2025-11-25", "github", everything))["capabilities"]
+    # no subscribe, no listChanged: their notifications are not relayed
+    assert declared == {**plain, "resources": {}, "prompts": {}, "completions": {}}
+    only_prompts = json.loads(p.discover_result("github", UpstreamFeatures(prompts=True)))["capabilities"]
+    assert only_prompts == {**plain, "prompts": {}}
+    assert set(p.FORWARDED_PARAMS) == set(FORWARDED_METHODS)
+
+
+def test_forwarded_params_are_checked_and_lose_only_their_meta() -> None:
+    assert p.decode_params(msgspec.Raw(b'{"uri":"test://a"}'), p.UriParams).uri == "test://a"
+    for raw, kind in (
+        (b"{}", p.UriParams),
+        (b'{"uri":5}', p.UriParams),
+        (b'{"name":"p","arguments":{"n":1}}', p.PromptParams),
+        (b'{"ref":{"type":"ref/prompt","name":"p"}}', p.CompleteParams),
+        (b"[1]", p.ListParams),
+    ):
+        with pytest.raises(p.ProtocolError) as err:
+            p.decode_params(msgspec.Raw(raw), kind)
+        assert err.value.code == p.INVALID_PARAMS
+    kept = b'{"name":"p","arguments":{"a":"1"},"extra":[1, 2]}'
+    assert p.without_meta(msgspec.Raw(kept)) == kept  # untouched, byte for byte
+    stripped = p.without_meta(msgspec.Raw(b'{"_meta":{"progressToken":1},"uri":"test://a","x":{"y":null}}'))
+    assert json.loads(stripped) == {"uri": "test://a", "x": {"y": None}}
+    assert p.without_meta(p.ABSENT) == b"{}" and p.without_meta(msgspec.Raw(b"null")) == b"{}"
+
+
+def test_forwarded_results_get_the_stateless_fields() -> None:
+    assert json.loads(p.as_modern_result(b'{"prompts":[]}', listing=True)) == {
+        "prompts": [],
+        "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
+    }
+    assert json.loads(p.as_modern_result(b'{"contents":[]}')) == {"contents": [], "resultType": "complete"}
 
 
 def test_versions_and_headers() -> None:

@@ -12,7 +12,7 @@ from typing import Final
 import msgspec
 
 from contracts.commands.common import CommandMeta
-from contracts.commands.mcp import Caller, ListTools
+from contracts.commands.mcp import Caller, ListTools, UpstreamFeatures
 from services.gateway.mcp import naming
 from services.gateway.mcp.protocol import INVALID_PARAMS, ProtocolError
 from services.gateway.mcp.replies import ToolCatalogReply, present
@@ -36,6 +36,7 @@ class Catalog:
     tools: list[bytes] = field(default_factory=list)  # each tool's JSON, in listing order
     routes: dict[str, tuple[str, str]] = field(default_factory=dict)  # exposed -> (server, tool)
     errors: dict[str, str] = field(default_factory=dict)  # server -> why it could not be listed
+    features: dict[str, UpstreamFeatures] = field(default_factory=dict)  # server -> besides tools
     fetched_at: float = 0.0
 
 
@@ -49,6 +50,7 @@ def build_catalog(reply: ToolCatalogReply, scope: str | None, now: float) -> Cat
         if entry.error is not None:
             catalog.errors[entry.server] = entry.error
             continue
+        catalog.features[entry.server] = entry.features
         for tool in entry.tools:
             name = tool.name if scope is not None else naming.exposed_name(entry.server, tool.name)
             if name in catalog.routes:

@@ -18,6 +18,10 @@ for some (a progress token; logs at the session's `logging/setLevel` level, or i
 stateless era the request's `io.modelcontextprotocol/logLevel`) hears `mcp.notify.<request_id>`
 while it runs: each upstream notification goes to the listener, all before the response.
 Any other call takes the plain path (no subscription).
+
+On one server's endpoint, resources, prompts and completions go to mcp_proxy as
+`cmd.mcp_proxy.request` and the upstream's result or JSON-RPC error is passed on as sent
+(`_forward`); on `/mcp` their listings are empty and the rest is -32601.
 """
 
 import asyncio
@@ -30,20 +34,34 @@ from typing import Any, Final, Protocol
 import msgspec
 
 from contracts.commands.common import CommandMeta, Problem
-from contracts.commands.mcp import Caller, CallTool, CancelCall
+from contracts.commands.mcp import (
+    FORWARDED_METHODS,
+    Caller,
+    CallTool,
+    CancelCall,
+    ForwardRequest,
+    UpstreamFeatures,
+)
 from services.gateway.application import Gateway
 from services.gateway.domain import Principal
 from services.gateway.mcp import naming
 from services.gateway.mcp import protocol as p
 from services.gateway.mcp.directory import ToolDirectory
-from services.gateway.mcp.replies import CallOutcomeReply, present
+from services.gateway.mcp.replies import CallOutcomeReply, ForwardOutcomeReply, present
 from services.kit.rpc import CommandFailed
 
 PAGE_SIZE: Final = 100
+# What `/mcp` answers for listings of things only one server's endpoint forwards.
+_EMPTY_LISTINGS: Final = {
+    "resources/list": b"resources",
+    "resources/templates/list": b"resourceTemplates",
+    "prompts/list": b"prompts",
+}
 # mcp_proxy enforces each server's own `timeout_s` (at most 300 s, see the REST schema) and
 # answers "timeout"; this bound only guards against a reply lost with a crashed proxy.
 CALL_TIMEOUT_S: Final = 330.0
 _EMPTY_OBJECT: Final = msgspec.Raw(b"{}")
+_NO_FEATURES: Final = UpstreamFeatures()
 
 
 class CancelNotice(msgspec.Struct):
@@ -115,9 +133,7 @@ class Exchange:
             "ping": self._empty,
             "server/discover": self._discover,
             "logging/setLevel": self._set_level,
-            "resources/list": self._none_of(b"resources"),
-            "resources/templates/list": self._none_of(b"resourceTemplates"),
-            "prompts/list": self._none_of(b"prompts"),
+            **dict.fromkeys(FORWARDED_METHODS, self._forward),
         }
 
     async def request(self, ctx: Context, message: p.Message) -> tuple[int, bytes]:
@@ -166,13 +182,7 @@ class Exchange:
     async def _call(self, ctx: Context, message: p.Message) -> bytes:
         params: p.CallParams = p.decode_params(message.params, p.CallParams)
         _check_envelope(ctx, params.meta)
-        if ctx.name_header is not None or ctx.modern:
-            named = p.decode_header_value(ctx.name_header)
-            if named != params.name:
-                raise p.ProtocolError(
-                    p.HEADER_MISMATCH,
-                    f"Header mismatch: Mcp-Name {named!r} is not the body's tool name {params.name!r}.",
-                )
+        _check_name(ctx, params.name, "tool name")
         arguments = params.arguments if params.arguments and params.arguments != b"null" else _EMPTY_OBJECT
         if memoryview(arguments)[:1] != b"{":
             raise p.ProtocolError(p.INVALID_PARAMS, "`arguments` must be a JSON object.")
@@ -271,7 +281,19 @@ class Exchange:
 
     async def _discover(self, ctx: Context, message: p.Message) -> bytes:
         _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
-        return p.DISCOVER_RESULT if ctx.scope is None else p.discover_result(ctx.scope)
+        if ctx.scope is None:
+            return p.DISCOVER_RESULT
+        return p.discover_result(ctx.scope, await self.features(ctx))
+
+    async def features(self, ctx: Context) -> UpstreamFeatures:
+        """What one server's upstream offers besides tools, from its catalog (fetched, or cached
+        for a few seconds, which also warms tools/list). -32602 for a server the caller lacks."""
+        assert ctx.scope is not None
+        try:
+            catalog = await self.directory.catalog(caller_of(ctx.principal), ctx.meta(), ctx.scope)
+        except CommandFailed as refused:
+            raise _protocol_error(refused.problem) from None
+        return catalog.features.get(ctx.scope, _NO_FEATURES)  # none while it cannot be listed
 
     async def _set_level(self, ctx: Context, message: p.Message) -> bytes:
         """Handshake era: the session's upstream log lines are relayed from this level up."""
@@ -287,12 +309,57 @@ class Exchange:
         _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
         return p.empty_result(ctx.modern)
 
-    def _none_of(self, key: bytes) -> Method:
-        async def none(ctx: Context, message: p.Message) -> bytes:
-            _check_envelope(ctx, p.decode_params(message.params, p.ListParams).meta)
-            return p.empty_list(key, ctx.modern)
+    async def _forward(self, ctx: Context, message: p.Message) -> bytes:
+        """Resources, prompts, completions: answered by one server's upstream, through mcp_proxy.
 
-        return none
+        On `/mcp` (many servers, no namespacing of URIs and prompt names) listings are empty
+        and the rest is not offered.
+        """
+        method = message.method or ""
+        if ctx.scope is None and method not in _EMPTY_LISTINGS:
+            raise p.ProtocolError(
+                p.METHOD_NOT_FOUND,
+                f"Method {method!r} is not offered on /mcp; a server's resources, prompts and "
+                "completions are served on /servers/{name}/mcp.",
+            )
+        params = p.decode_params(message.params, p.FORWARDED_PARAMS[method])
+        _check_envelope(ctx, params.meta)
+        if ctx.scope is None:
+            return p.empty_list(_EMPTY_LISTINGS[method], ctx.modern)
+        if method == "prompts/get":
+            _check_name(ctx, params.name, "prompt name")
+        elif method == "resources/read":
+            _check_name(ctx, params.uri, "resource URI")
+        command = ForwardRequest(
+            meta=ctx.meta(),
+            caller=caller_of(ctx.principal),
+            server=ctx.scope,
+            method=method,
+            params=msgspec.Raw(p.without_meta(message.params)),
+        )
+        try:
+            outcome = await self.gateway.client.call(
+                "mcp_proxy", "request", command, ForwardOutcomeReply, CALL_TIMEOUT_S
+            )
+        except CommandFailed as refused:
+            raise _protocol_error(refused.problem) from None
+        if outcome.error is not None:  # the upstream's own error, or mcp_proxy's
+            data = outcome.error.data if present(outcome.error.data) else None
+            raise p.ProtocolError(outcome.error.code, outcome.error.message, data)
+        if not present(outcome.result):
+            raise p.ProtocolError(p.INTERNAL_ERROR, f"The server {ctx.scope!r} sent no result for {method}.")
+        result = bytes(outcome.result)
+        return p.as_modern_result(result, method in p.LISTINGS) if ctx.modern else result
+
+
+def _check_name(ctx: Context, value: str, what: str) -> None:
+    """`Mcp-Name`, when sent (always in the stateless era), must equal the body's name or URI."""
+    if ctx.name_header is not None or ctx.modern:
+        named = p.decode_header_value(ctx.name_header)
+        if named != value:
+            raise p.ProtocolError(
+                p.HEADER_MISMATCH, f"Header mismatch: Mcp-Name {named!r} is not the body's {what} {value!r}."
+            )
 
 
 def _check_envelope(ctx: Context, meta: p.RequestMeta | None) -> None:

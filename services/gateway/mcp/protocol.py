@@ -11,6 +11,8 @@ from typing import Any, Final
 
 import msgspec
 
+from contracts.commands.mcp import UpstreamFeatures
+
 # -- protocol revisions -----------------------------------------------------------------------
 MODERN_VERSIONS: Final = ("2026-07-28",)  # stateless: per-request `_meta`, no session
 HANDSHAKE_VERSIONS: Final = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")  # newest first
@@ -87,6 +89,63 @@ class CallParams(msgspec.Struct):
 class ListParams(msgspec.Struct):
     cursor: str | None = None
     meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
+
+
+# -- params of the methods forwarded to one server's upstream (checked, then sent raw) ----------
+class UriParams(msgspec.Struct):
+    """resources/read, resources/subscribe, resources/unsubscribe."""
+
+    uri: str
+    meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
+
+
+class PromptParams(msgspec.Struct):
+    name: str
+    arguments: dict[str, str] | None = None
+    meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
+
+
+class CompletionRef(msgspec.Struct):
+    type: str  # "ref/prompt" (with name) | "ref/resource" (with uri)
+    name: str | None = None
+    uri: str | None = None
+
+
+class CompletionArgument(msgspec.Struct):
+    name: str
+    value: str
+
+
+class CompleteParams(msgspec.Struct):
+    ref: CompletionRef
+    argument: CompletionArgument
+    meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
+
+
+FORWARDED_PARAMS: Final[dict[str, type[Any]]] = {  # the keys are the contract's FORWARDED_METHODS
+    "resources/list": ListParams,
+    "resources/templates/list": ListParams,
+    "resources/read": UriParams,
+    "resources/subscribe": UriParams,
+    "resources/unsubscribe": UriParams,
+    "prompts/list": ListParams,
+    "prompts/get": PromptParams,
+    "completion/complete": CompleteParams,
+}
+LISTINGS: Final = frozenset({"resources/list", "resources/templates/list", "prompts/list"})
+_decode_fields = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+
+
+def without_meta(params: msgspec.Raw) -> bytes:
+    """Params as sent minus `_meta` (the client's; the upstream gets the gateway's own session)."""
+    raw = bytes(params)
+    if not raw or raw == b"null":
+        return b"{}"
+    if b'"_meta"' not in raw:
+        return raw
+    fields = _decode_fields(raw)
+    fields.pop("_meta", None)
+    return _encoder.encode(fields)
 
 
 LOG_LEVELS: Final = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
@@ -201,6 +260,24 @@ MODERN_FIELDS: Final = b'"resultType":"complete"'
 CACHEABLE_FIELDS: Final = b'"resultType":"complete","ttlMs":0,"cacheScope":"private"'
 # `logging`: the upstreams' log notifications of a call are relayed (exchange.py) from the level set
 _CAPABILITIES: Final = {"tools": {"listChanged": True}, "logging": {}}
+
+
+def capabilities(features: UpstreamFeatures | None = None) -> dict[str, Any]:
+    """Tools and logging; on one server's endpoint also what its upstream offers and the gateway
+    forwards. Neither `listChanged` nor `subscribe` is declared for them: those notifications
+    need a server-to-client stream the gateway does not relay (docs/mcp-endpoint.md)."""
+    if features is None:
+        return _CAPABILITIES
+    offered: dict[str, Any] = dict(_CAPABILITIES)
+    if features.resources:
+        offered["resources"] = {}
+    if features.prompts:
+        offered["prompts"] = {}
+    if features.completions:
+        offered["completions"] = {}
+    return offered
+
+
 _SERVER_INFO: Final = {"name": SERVER_NAME, "version": SERVER_VERSION}
 
 
@@ -214,22 +291,24 @@ def instructions(server: str | None) -> str:
     )
 
 
-def initialize_result(version: str, server: str | None = None) -> bytes:
+def initialize_result(
+    version: str, server: str | None = None, features: UpstreamFeatures | None = None
+) -> bytes:
     return _encoder.encode(
         {
             "protocolVersion": version,
-            "capabilities": _CAPABILITIES,
+            "capabilities": capabilities(features),
             "serverInfo": _SERVER_INFO,
             "instructions": instructions(server),
         }
     )
 
 
-def discover_result(server: str | None = None) -> bytes:
+def discover_result(server: str | None = None, features: UpstreamFeatures | None = None) -> bytes:
     return _encoder.encode(
         {
             "supportedVersions": list(SUPPORTED_VERSIONS),
-            "capabilities": _CAPABILITIES,
+            "capabilities": capabilities(features),
             "instructions": instructions(server),
             "resultType": "complete",
             "ttlMs": 0,
@@ -265,17 +344,19 @@ def tool_error_result(text: str, modern: bool) -> bytes:
     return body + (b"," + MODERN_FIELDS if modern else b"") + b"}"
 
 
-def as_modern_result(raw: bytes) -> bytes:
-    """An upstream result with the `resultType` the 2026-07-28 wire requires (added if absent)."""
+def as_modern_result(raw: bytes, listing: bool = False) -> bytes:
+    """An upstream result with the `resultType` the 2026-07-28 wire requires (added if absent),
+    and for a listing the cache fields of the gateway's own lists."""
     try:
         if _result_type_decoder.decode(raw).resultType is not None:
             return raw
     except msgspec.DecodeError:
         return raw
+    fields = CACHEABLE_FIELDS if listing else MODERN_FIELDS
     body = raw.strip()
     if body[1:].lstrip().startswith(b"}"):
-        return b"{" + MODERN_FIELDS + b"}"
-    return b"{" + MODERN_FIELDS + b"," + body[1:]
+        return b"{" + fields + b"}"
+    return b"{" + fields + b"," + body[1:]
 
 
 def decode_header_value(value: str | None) -> str | None:

@@ -1,5 +1,5 @@
-"""How the gateway decodes two mcp_proxy replies: same JSON as the contract's `ToolCatalog`
-and `CallOutcome`, with raw-JSON fields msgspec can decode.
+"""How the gateway decodes mcp_proxy replies: same JSON as the contract's `ToolCatalog`,
+`CallOutcome` and `ForwardOutcome`, with raw-JSON fields msgspec can decode.
 
 The contract declares `Tool.annotations` and `CallOutcome.result` as `msgspec.Raw | None`;
 msgspec encodes that fine but decodes only `null` into it ("Expected `null`, got `object`"),
@@ -11,6 +11,7 @@ from datetime import datetime
 
 import msgspec
 
+from contracts.commands.mcp import UpstreamFeatures
 from services.gateway.mcp.protocol import ABSENT
 
 
@@ -30,6 +31,7 @@ class ServerToolsReply(msgspec.Struct, kw_only=True):
     server: str
     tools: list[ToolReply] = msgspec.field(default_factory=list)
     error: str | None = None
+    features: UpstreamFeatures = msgspec.field(default_factory=UpstreamFeatures)
 
 
 class ToolCatalogReply(msgspec.Struct):
@@ -46,3 +48,14 @@ class CallOutcomeReply(msgspec.Struct, kw_only=True):
     error_code: int | None = None
     duration_ms: float = 0.0
     timestamp: datetime | None = None
+
+
+class RpcErrorReply(msgspec.Struct, kw_only=True):
+    code: int
+    message: str
+    data: msgspec.Raw = ABSENT
+
+
+class ForwardOutcomeReply(msgspec.Struct, kw_only=True):
+    result: msgspec.Raw = ABSENT  # the upstream's result, as sent
+    error: RpcErrorReply | None = None

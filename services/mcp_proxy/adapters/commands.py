@@ -22,6 +22,7 @@ from services.kit.bus import Bus
 from services.kit.rpc import CommandServer, refuse
 from services.mcp_proxy.application.calls import Calls
 from services.mcp_proxy.application.history import CallHistory
+from services.mcp_proxy.application.requests import Forwarding
 from services.mcp_proxy.application.servers import Servers
 from services.mcp_proxy.domain.errors import Conflict, Forbidden, Invalid, NotFound, ProxyError
 
@@ -50,7 +51,9 @@ def _refusals(handler: Callable[[T], Awaitable[R]]) -> Callable[[T], Awaitable[R
     return wrapped
 
 
-def routes(server: CommandServer, servers: Servers, calls: Calls, history: CallHistory) -> None:
+def routes(
+    server: CommandServer, servers: Servers, calls: Calls, forwarding: Forwarding, history: CallHistory
+) -> None:
     async def register_server(c: cmd.RegisterServer) -> cmd.ServerView:
         return await servers.register(c)
 
@@ -82,6 +85,7 @@ def routes(server: CommandServer, servers: Servers, calls: Calls, history: CallH
     server.route("test_server", cmd.TestServer, _refusals(test_server))
     server.route("list_tools", cmd.ListTools, _refusals(list_tools))
     server.route("call", cmd.CallTool, calls.call)  # the hot path: refusals are raised as Problems
+    server.route("request", cmd.ForwardRequest, forwarding.forward)  # refusals raised as Problems
     server.route("history", cmd.History, _refusals(page))
     server.route("history_digest", GetDigest, digest)
     server.route("rebuild_history", Rebuild, rebuild)

@@ -36,6 +36,21 @@ def _payload(kind: str, e: Any) -> msgspec.Struct | None:
             started_at=e.started_at,
             error=e.error,
         )
+    if kind == "UpstreamRequest.Completed":
+        return ev.UpstreamRequestCompleted(
+            request_id=e.request_id,
+            user_id=e.user_id,
+            server=e.server,
+            method=e.method,
+            status=e.status,
+            outcome=audit_outcome(e.status),
+            duration_ms=e.duration_ms,
+            params_sha256=e.params_sha256,
+            params_bytes=e.params_bytes,
+            result_bytes=e.result_bytes,
+            started_at=e.started_at,
+            error=e.error,
+        )
     if kind == "ServerCatalog.ServerRegistered":
         return ev.ServerRegistered(
             server=e.name,

@@ -16,6 +16,10 @@ sends its own token upstream and routes the upstream's progress to it); log mess
 the session's logging callback, which cannot tell which request they belong to, so each
 goes to every call of this (one user's) session that asked for logs. A 2026-07-28 upstream
 sends logs only to requests that opt in (`io.modelcontextprotocol/logLevel`): such calls do.
+
+Forwarded requests (resources, prompts, completions) are validated into the SDK's own
+request type and sent with `send_request`, which stamps what the session's era needs
+(`Mcp-Name` included); the result is returned with every field the upstream sent.
 """
 
 import asyncio
@@ -31,9 +35,25 @@ from mcp import Client
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
-from mcp_types import LOG_LEVEL_META_KEY, Implementation, LoggingMessageNotificationParams
+from mcp_types import (
+    LOG_LEVEL_META_KEY,
+    CompleteRequest,
+    GetPromptRequest,
+    Implementation,
+    ListPromptsRequest,
+    ListResourcesRequest,
+    ListResourceTemplatesRequest,
+    LoggingMessageNotificationParams,
+    ReadResourceRequest,
+    Request,
+    Result,
+    ServerCapabilities,
+    SubscribeRequest,
+    UnsubscribeRequest,
+)
+from pydantic import ConfigDict, ValidationError
 
-from contracts.commands.mcp import Tool
+from contracts.commands.mcp import Tool, UpstreamFeatures
 from services.kit.tasks import stop_task
 from services.mcp_proxy.adapters.listing import contract_tools, decode_tool_page
 from services.mcp_proxy.application.ports import (
@@ -47,6 +67,7 @@ from services.mcp_proxy.application.ports import (
 )
 from services.mcp_proxy.config import ProxySettings
 from services.mcp_proxy.domain.addresses import check_url
+from services.mcp_proxy.domain.calls import INVALID_PARAMS, METHOD_NOT_FOUND
 from services.mcp_proxy.domain.errors import Invalid
 from services.mcp_proxy.domain.pooling import PoolKey
 
@@ -92,6 +113,7 @@ class RemoteSession:
         self._calls: dict[str, asyncio.Task[Any]] = {}
         self._canceled: set[str] = set()
         self._listeners: dict[str, CallListener] = {}
+        self.features = UpstreamFeatures()  # from its initialize (or discover) result
 
     @property
     def usable(self) -> bool:
@@ -119,6 +141,7 @@ class RemoteSession:
                 self._transport(), cache=None, client_info=_CLIENT_INFO, logging_callback=self._logged
             ) as client:
                 self._client = client
+                self.features = _features(client.server_capabilities)
                 self._ready.set_result(None)
                 await self._closing.wait()
         except BaseException as err:
@@ -228,6 +251,49 @@ class RemoteSession:
             return Reply(msgspec.Raw(raw), is_error=True, error=text[:1000], size=len(raw))
         return Reply(msgspec.Raw(raw), size=len(raw))
 
+    async def request(self, method: str, params: bytes, timeout: float) -> Reply:
+        """Any other request (FORWARDED_METHODS): validated into the SDK's request type, and its
+        result passed back as the upstream sent it (fields the SDK does not model included)."""
+        client = self._live()
+        kind = _REQUESTS.get(method)
+        if kind is None:
+            return Reply(None, error=f"{method} is not forwarded.", error_code=METHOD_NOT_FOUND)
+        try:
+            request = kind.model_validate_json(
+                b'{"method":' + msgspec.json.encode(method) + b',"params":' + params + b"}"
+            )
+        except ValidationError as err:
+            return Reply(
+                None, error=f"Invalid params for {method}: {_first_problem(err)}", error_code=INVALID_PARAMS
+            )
+        self.in_flight += 1
+        self.last_used = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await client.session.send_request(request, _Passed)
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"The server '{self.target.server}' did not answer {method} within {timeout:g} s."
+            ) from None
+        except MCPError as err:
+            data = msgspec.json.encode(err.data) if err.data is not None else None
+            return Reply(None, error=err.message, error_code=err.code, error_data=data)
+        except ValidationError as err:  # the upstream's result is not what the method returns
+            raise UpstreamFailed(
+                f"The server '{self.target.server}' answered {method} with an invalid result: "
+                + _first_problem(err)
+            ) from None
+        except Exception as err:
+            self.broken = _describe(err)
+            raise UpstreamFailed(
+                f"The server '{self.target.server}' failed during {method}: {self.broken}."
+            ) from None
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+        raw = answer.model_dump_json(by_alias=True, exclude_none=True).encode()
+        return Reply(msgspec.Raw(raw), size=len(raw))
+
     def cancel(self, call_id: str) -> bool:
         task = self._calls.get(call_id)
         if task is None:
@@ -244,6 +310,39 @@ class RemoteSession:
         except Exception as err:
             self.broken = _describe(err)
             return False
+
+
+class _Passed(Result):
+    """Any result, every field kept (the SDK has already checked it against the method)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+_REQUESTS: dict[str, type[Request[Any, Any]]] = {
+    "resources/list": ListResourcesRequest,
+    "resources/templates/list": ListResourceTemplatesRequest,
+    "resources/read": ReadResourceRequest,
+    "resources/subscribe": SubscribeRequest,
+    "resources/unsubscribe": UnsubscribeRequest,
+    "prompts/list": ListPromptsRequest,
+    "prompts/get": GetPromptRequest,
+    "completion/complete": CompleteRequest,
+}
+
+
+def _features(caps: ServerCapabilities) -> UpstreamFeatures:
+    return UpstreamFeatures(
+        resources=caps.resources is not None,
+        subscribe=caps.resources is not None and bool(caps.resources.subscribe),
+        prompts=caps.prompts is not None,
+        completions=caps.completions is not None,
+    )
+
+
+def _first_problem(err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    return f"{where}: {first['msg']}" if where else first["msg"]
 
 
 def _progress_to(listener: CallListener) -> Any:

@@ -14,7 +14,7 @@ from typing import Protocol
 import msgspec
 
 from contracts.commands.common import Problem
-from contracts.commands.mcp import Caller, CallTool, Tool
+from contracts.commands.mcp import Caller, CallTool, Tool, UpstreamFeatures
 from services.mcp_proxy.domain.pooling import PoolKey
 
 
@@ -126,13 +126,15 @@ class Target(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Reply(msgspec.Struct, frozen=True):
-    """An upstream's answer to tools/call: its CallToolResult as sent, or its JSON-RPC error."""
+    """An upstream's answer to a request: its result as sent (a CallToolResult for
+    tools/call), or its JSON-RPC error."""
 
     result: msgspec.Raw | None
     is_error: bool = False  # the result says isError: true
     error: str | None = None  # a JSON-RPC error's message, or the text of an isError result
     error_code: int | None = None
     size: int = 0  # bytes of the result as received
+    error_data: bytes | None = None  # a JSON-RPC error's `data`, as sent
 
 
 class UpstreamError(Exception):
@@ -212,9 +214,16 @@ class NoNotices:
 
 
 class Upstream(Protocol):
-    """One live process or session, used by one user."""
+    """One live process or session, used by one user.
+
+    `request` sends any other request (FORWARDED_METHODS) with raw params and answers with
+    the raw result or the upstream's error; `features` is what its initialize declared.
+    """
+
+    features: UpstreamFeatures
 
     async def tools(self, refresh: bool = False) -> list[Tool]: ...
+    async def request(self, method: str, params: bytes, timeout: float) -> Reply: ...
     async def call(
         self, tool: str, arguments: bytes, timeout: float, call_id: str, listener: CallListener | None = None
     ) -> Reply: ...

@@ -23,9 +23,10 @@ from eventsourcing.domain import Aggregate
 from services.kit.tasks import stop_task
 from services.mcp_proxy.application.store import ProxyStore
 from services.mcp_proxy.domain.calls import CallRecord, ProcessRecord, ToolCall, UpstreamProcess
+from services.mcp_proxy.domain.requests import RequestRecord, UpstreamRequest
 
 log = logging.getLogger(__name__)
-Record = CallRecord | ProcessRecord
+Record = CallRecord | ProcessRecord | RequestRecord
 
 
 class Recorder:
@@ -44,6 +45,9 @@ class Recorder:
         self._add(record)
 
     def process(self, record: ProcessRecord) -> None:
+        self._add(record)
+
+    def request(self, record: RequestRecord) -> None:
         self._add(record)
 
     def _add(self, record: Record) -> None:
@@ -121,6 +125,8 @@ class Recorder:
         for record in batch:
             if isinstance(record, CallRecord):
                 aggregates.append(ToolCall.of(record))
+            elif isinstance(record, RequestRecord):
+                aggregates.append(UpstreamRequest.of(record))
             elif record.reason is None:
                 processes[record.token] = UpstreamProcess.of(record)
             else:

@@ -16,7 +16,6 @@ from contracts.commands.mcp import (
     ServerTools,
     ServerView,
     TestServer,
-    Tool,
     ToolCatalog,
 )
 from services.kit.rpc import CommandFailed, refuse
@@ -93,15 +92,22 @@ class Servers:
         return ToolCatalog(list(listed))
 
     async def _listing(self, caller: Caller, entry: Entry, meta: CommandMeta) -> ServerTools:
-        tools: list[Tool] = []
-        status = await self._probe(caller, entry, meta, refresh=False, listed=tools)
+        found = ServerTools(server=entry.name)
+        status = await self._probe(caller, entry, meta, refresh=False, listed=found)
         await self.calls.note(caller.user_id, entry, status)
-        return ServerTools(server=entry.name, tools=tools, error=status.error)
+        found.error = status.error
+        return found
 
     async def _probe(
-        self, caller: Caller, entry: Entry, meta: CommandMeta, refresh: bool, listed: list[Tool] | None = None
+        self,
+        caller: Caller,
+        entry: Entry,
+        meta: CommandMeta,
+        refresh: bool,
+        listed: ServerTools | None = None,
     ) -> ServerStatus:
-        """Opens (starting it if need be) and lists, within what the caller will wait for."""
+        """Opens (starting it if need be) and lists, within what the caller will wait for;
+        `listed` receives the tools and the upstream's other features."""
         budget = self.calls.settings.start_timeout_s + 5
         if meta.deadline is not None:  # answer in time, with an error for what is still starting
             budget = max(min(budget, meta.deadline - time.time() - 0.1), 0.01)
@@ -121,5 +127,5 @@ class Servers:
                 f"The server '{entry.name}' did not answer in time (it may still be starting); try again.",
             )
         if listed is not None:
-            listed += tools
+            listed.tools, listed.features = tools, upstream.features
         return ServerStatus("ok", len(tools))

@@ -18,6 +18,7 @@ from contracts.commands.mcp import CallStatus
 
 # JSON-RPC error codes in CallOutcome.error_code (docs/mcp.md). Errors an upstream itself
 # answers with keep the upstream's code.
+METHOD_NOT_FOUND = -32601  # a forwarded method the upstream does not offer (domain/requests.py)
 INVALID_PARAMS = -32602  # unknown tool, arguments that are not a JSON object
 MISSING_SECRET = -32002  # a secret the server references is not set (or was deleted)
 UPSTREAM_UNAVAILABLE = -32003  # could not be started or reached; the call did not reach it

@@ -22,16 +22,14 @@ from typing import Any
 from litestar import asgi
 from litestar.types import Receive, Scope, Send
 
-from contracts.commands.mcp import ListServers, ServerList
 from services.gateway.adapters.http import mcp_asgi as io
 from services.gateway.adapters.http.auth import client_ip
 from services.gateway.adapters.mcp_face import McpFace
 from services.gateway.adapters.mcp_sessions import McpSession, SessionStoreDown
 from services.gateway.domain import Principal
 from services.gateway.mcp import protocol as p
-from services.gateway.mcp.exchange import Context, caller_of
+from services.gateway.mcp.exchange import Context
 from services.kit import telemetry
-from services.kit.rpc import CommandFailed
 
 _SESSION_NOT_FOUND = "Session not found: it expired or was ended. Send initialize to start a new one."
 
@@ -181,10 +179,12 @@ async def _initialize(
     id_json = p.encode_id(message.id)
     if not message.is_request:
         return await io.reject(send, 400, p.INVALID_REQUEST, "initialize must be a request (with an id).")
+    features = None
     try:
         params: p.InitializeParams = p.decode_params(message.params, p.InitializeParams)
-        if server is not None:
-            await _require_server(face, scope, principal, server)
+        if server is not None:  # only a server the caller has; its upstream's features declared
+            ctx = _context(scope, {}, principal, server, modern=False, version=None)
+            features = await face.exchange.features(ctx)
     except p.ProtocolError as err:
         status = 404 if err.code == p.INVALID_PARAMS and server is not None else 400
         return await io.reject(send, status, err.code, err.message, id_json)
@@ -193,20 +193,8 @@ async def _initialize(
         user_id=principal.user_id, key_id=principal.key_id, protocol_version=version, server=server
     )
     session_id = await face.sessions.create(session)
-    answer = p.result(id_json, p.initialize_result(version, server))
+    answer = p.result(id_json, p.initialize_result(version, server, features))
     await io.respond(send, 200, answer, [(b"mcp-session-id", session_id.encode())])
-
-
-async def _require_server(face: McpFace, scope: Scope, principal: Principal, server: str) -> None:
-    ctx = _context(scope, {}, principal, server, modern=False, version=None)
-    try:
-        listed = await face.gateway.client.call(
-            "mcp_proxy", "list_servers", ListServers(meta=ctx.meta(), caller=caller_of(principal)), ServerList
-        )
-    except CommandFailed as refused:
-        raise p.ProtocolError(p.INTERNAL_ERROR, refused.problem.detail) from None
-    if all(s.name != server for s in listed.servers):
-        raise p.ProtocolError(p.INVALID_PARAMS, f"No MCP server named {server!r} is registered for you.")
 
 
 async def _delete(

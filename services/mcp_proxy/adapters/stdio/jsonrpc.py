@@ -32,14 +32,15 @@ MAX_JUNK_LINES = 1000  # non-JSON lines tolerated on stdout (banners, stray prin
 class RpcError(Exception):
     """The upstream answered a request with a JSON-RPC error."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, data: bytes | None = None) -> None:
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.data = code, message, data
 
 
 class _Error(msgspec.Struct):
     code: int = -32603
     message: str = ""
+    data: msgspec.Raw = msgspec.Raw(b"")  # empty: absent
 
 
 class _Incoming(msgspec.Struct):
@@ -181,7 +182,8 @@ class JsonRpcPeer:
         if fut is None or fut.done():
             return  # answered after a timeout or a cancel
         if msg.error is not None:
-            fut.set_exception(RpcError(msg.error.code, msg.error.message))
+            data = bytes(msg.error.data) or None
+            fut.set_exception(RpcError(msg.error.code, msg.error.message, data))
         elif msg.result:
             fut.set_result(msg.result)
         else:

@@ -32,7 +32,7 @@ from typing import cast
 import msgspec
 import psutil
 
-from contracts.commands.mcp import Tool
+from contracts.commands.mcp import Tool, UpstreamFeatures
 from services.mcp_proxy.adapters.listing import contract_tools, decode_tool_page
 from services.mcp_proxy.adapters.stdio.jsonrpc import JsonRpcPeer, RpcError
 from services.mcp_proxy.adapters.stdio.launch import StderrLog, limit_resources, user_home
@@ -45,6 +45,7 @@ from services.mcp_proxy.application.ports import (
     UpstreamUnavailable,
 )
 from services.mcp_proxy.config import ProxySettings
+from services.mcp_proxy.domain.requests import features_of
 
 log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
@@ -80,6 +81,13 @@ _decode_progress = msgspec.json.Decoder(_ProgressHead).decode
 _decode_error_result = msgspec.json.Decoder(_ErrorResult).decode
 
 
+def one_line(raw: bytes) -> bytes:
+    """Raw JSON fit for one stdio line: outside strings, newlines are whitespace."""
+    if b"\n" in raw or b"\r" in raw:
+        return raw.replace(b"\n", b" ").replace(b"\r", b" ")
+    return raw
+
+
 def error_text(result: bytes) -> str:
     """The text of an isError result, shortened, for CallOutcome.error."""
     try:
@@ -106,6 +114,7 @@ class StdioProcess(asyncio.SubprocessProtocol):
         self.exit_code: int | None = None
         self.known_descendants: dict[int, float] = {}  # pid -> create_time
         self._tools: list[Tool] | None = None
+        self.features = UpstreamFeatures()  # from its initialize result
         self._transport: asyncio.SubprocessTransport | None = None
         self._stdin: asyncio.WriteTransport | None = None
         self._exited = asyncio.Event()
@@ -177,7 +186,8 @@ class StdioProcess(asyncio.SubprocessProtocol):
         self.pid = transport.get_pid()
         self._stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))  # uvloop's is no subclass
         try:
-            await self.peer.request("initialize", _INITIALIZE, self.settings.start_timeout_s)
+            initialized = await self.peer.request("initialize", _INITIALIZE, self.settings.start_timeout_s)
+            self.features = features_of(initialized)
             self.peer.notify("notifications/initialized")
             await self.tools(refresh=True)
         except (TimeoutError, RpcError, UpstreamFailed) as err:
@@ -329,9 +339,7 @@ class StdioProcess(asyncio.SubprocessProtocol):
     ) -> Reply:
         self.in_flight += 1
         self.last_used = time.monotonic()
-        if b"\n" in arguments or b"\r" in arguments:  # outside strings they are whitespace
-            arguments = arguments.replace(b"\n", b" ").replace(b"\r", b" ")
-        params = b'{"name":' + _encoder.encode(tool) + b',"arguments":' + arguments
+        params = b'{"name":' + _encoder.encode(tool) + b',"arguments":' + one_line(arguments)
         if listener is not None:
             self._listeners[call_id] = listener
             if listener.wants_progress:  # our token upstream; the listener puts the client's back
@@ -363,6 +371,31 @@ class StdioProcess(asyncio.SubprocessProtocol):
                 self.stop(self.retired)
         if _decode_head(result).isError:
             return Reply(result, is_error=True, error=error_text(result), size=len(result))
+        return Reply(result, size=len(result))
+
+    async def request(self, method: str, params: bytes, timeout: float) -> Reply:
+        """Any other request (resources, prompts, completions): params and result stay raw."""
+        self.in_flight += 1
+        self.last_used = time.monotonic()
+        rid = 0
+        try:
+            rid, fut = self.peer.send(method, one_line(params))
+            async with asyncio.timeout(timeout):
+                result = await fut
+        except TimeoutError:
+            self.peer.abandon(rid, "timeout")
+            self.retire("timeout")  # a hung upstream is not used again
+            raise UpstreamTimeout(
+                f"The server '{self.target.server}' did not answer {method} within {timeout:g} s; "
+                "the upstream process is restarted."
+            ) from None
+        except RpcError as err:
+            return Reply(None, error=err.message, error_code=err.code, error_data=err.data)
+        finally:
+            self.in_flight -= 1
+            self.last_used = time.monotonic()
+            if self.retired is not None and self.in_flight == 0:
+                self.stop(self.retired)
         return Reply(result, size=len(result))
 
     def cancel(self, call_id: str) -> bool:
