@@ -26,11 +26,13 @@ from services.audit.domain import (
     digest_of,
     encode_cursor,
     entry_for,
+    genesis,
     instant,
     scope_for,
     seal,
 )
-from services.kit.projection import Delivered
+from services.kit.projection import Delivered, decode_delivered
+from services.kit.stream_reader import Record
 
 log = logging.getLogger(__name__)
 Conn = psycopg.AsyncConnection[Any]
@@ -40,6 +42,10 @@ class TrailStore(Protocol):
     """Where the trail is kept (adapters/store.py); writes join the projection's transaction."""
 
     async def heads(self, conn: Conn, org_ids: Iterable[str]) -> dict[str, Head]: ...
+    async def all_heads(self, conn: Conn) -> list[Head]: ...
+    @staticmethod
+    def encode_rows(entries: list[Entry]) -> bytes: ...  # module-level: picklable
+    async def copy_rows(self, conn: Conn, rows: bytes) -> None: ...
     async def known(self, conn: Conn, ids: Sequence[str]) -> set[str]: ...
     async def write_entries(self, conn: Conn, entries: Iterable[Entry]) -> None: ...
     async def move_heads(self, conn: Conn, heads: Sequence[Head]) -> None: ...
@@ -87,6 +93,83 @@ class Investigation(msgspec.Struct, frozen=True):
     seconds: float
 
 
+def _draft(d: Delivered) -> Entry:
+    return d.prepared if isinstance(d.prepared, Entry) else prepared_entry(d)
+
+
+def seal_batch(
+    batch: list[Delivered],
+    drafts: list[Entry],
+    heads: dict[str, Head],
+    seen: set[str],
+    previous_at: datetime | None,
+) -> tuple[list[Entry], datetime | None]:
+    """Seals each new draft into its org's chain, advancing `heads` and `seen` in place;
+    returns the sealed entries and the time the next undated message takes."""
+    sealed: list[Entry] = []
+    for d, draft in zip(batch, drafts, strict=True):
+        if d.envelope is None:  # dated by the newest entry before it
+            draft = entry_for(d.stream_seq, d.subject, None, d.error, previous_at)
+        if draft.action == UNDECODABLE:
+            log.warning("stream seq %d on %s is undecodable: %s", d.stream_seq, d.subject, d.error)
+        if draft.id in seen:
+            log.info("event %s seen again at stream seq %d; kept once", draft.id, d.stream_seq)
+            continue
+        seen.add(draft.id)
+        head = heads.get(draft.org_id) or genesis(draft.org_id)
+        entry = seal(draft, head)
+        heads[head.org_id] = advance(head, entry)
+        previous_at = entry.at
+        sealed.append(entry)
+    return sealed, previous_at
+
+
+class StagedRows(msgspec.Struct):
+    rows: bytes  # the sealed entries, as `TrailStore.encode_rows` makes them for a COPY
+    heads: list[Head]  # the heads the entries moved, in org order
+
+
+class ChainStager:
+    """Seals a catch-up's batches ahead of their transactions (services/kit/ahead.py), from
+    chain heads kept in memory; pure and picklable, so it can run in a worker process."""
+
+    def __init__(
+        self, heads: dict[str, Head], previous_at: datetime | None, encode: Callable[[list[Entry]], bytes]
+    ) -> None:
+        self.heads, self.previous_at, self.encode = heads, previous_at, encode
+
+    def stage(self, records: list[Record]) -> StagedRows:
+        batch = [decode_delivered(r.seq, r.subject, r.data) for r in records]
+        drafts = [prepared_entry(d) for d in batch]
+        # Ids already in the trail are not looked up: one breaks the COPY on the primary key,
+        # and the durable consumer, which looks them up, takes over from there.
+        sealed, self.previous_at = seal_batch(batch, drafts, self.heads, set(), self.previous_at)
+        moved = sorted({entry.org_id for entry in sealed})
+        return StagedRows(self.encode(sealed), [self.heads[org_id] for org_id in moved])
+
+
+class ChainsAhead:
+    """The trail as the ProjectionConsumer's `ahead`: a catch-up's transaction per batch is
+    one COPY of rows sealed beforehand and one upsert of the heads they moved."""
+
+    def __init__(self, store: TrailStore) -> None:
+        self.store = store
+
+    async def stager(self, conn: Conn) -> ChainStager:
+        heads = {head.org_id: head for head in await self.store.all_heads(conn)}
+        return ChainStager(heads, await self.store.last_at(conn), self.store.encode_rows)
+
+    async def write(self, conn: Conn, staged: StagedRows) -> None:
+        await self.store.copy_rows(conn, staged.rows)
+        await self.store.move_heads(conn, staged.heads)
+
+
+def prepared_entry(d: Delivered) -> Entry:
+    """The entry a message makes, before it is chained (pure: runs ahead of the transaction,
+    in a worker process during a long catch-up)."""
+    return entry_for(d.stream_seq, d.subject, d.envelope, d.error, raw=d.raw)
+
+
 class Audit:
     def __init__(self, store: TrailStore, cursor_key: bytes, scratch: ScratchReplay | None = None) -> None:
         self.store, self.cursor_key, self.scratch = store, cursor_key, scratch
@@ -97,8 +180,7 @@ class Audit:
         await self.apply_batch(conn, [delivered])
 
     def prepare(self, d: Delivered) -> Entry:
-        """The entry a message makes, before it is chained (pure: runs ahead of the transaction)."""
-        return entry_for(d.stream_seq, d.subject, d.envelope, d.error, raw=d.raw)
+        return prepared_entry(d)
 
     async def apply_batch(self, conn: Conn, batch: list[Delivered]) -> None:
         """The ProjectionConsumer's `apply_batch`: each message becomes one sealed entry, in order.
@@ -107,26 +189,11 @@ class Audit:
         as applying the messages one by one, whatever the batch boundaries (a rebuild cuts
         the stream differently from live operation and must give the same trail).
         """
-        drafts = [d.prepared if isinstance(d.prepared, Entry) else self.prepare(d) for d in batch]
+        drafts = [_draft(d) for d in batch]
         heads = await self.store.heads(conn, {draft.org_id for draft in drafts})
         seen = await self.store.known(conn, [draft.id for draft in drafts])
         previous_at = await self.store.last_at(conn) if any(d.envelope is None for d in batch) else None
-
-        sealed: list[Entry] = []
-        for d, draft in zip(batch, drafts, strict=True):
-            if d.envelope is None:  # dated by the newest entry before it
-                draft = entry_for(d.stream_seq, d.subject, None, d.error, previous_at)
-            if draft.action == UNDECODABLE:
-                log.warning("stream seq %d on %s is undecodable: %s", d.stream_seq, d.subject, d.error)
-            if draft.id in seen:
-                log.info("event %s seen again at stream seq %d; kept once", draft.id, d.stream_seq)
-                continue
-            seen.add(draft.id)
-            head = heads[draft.org_id]
-            entry = seal(draft, head)
-            heads[head.org_id] = advance(head, entry)
-            previous_at = entry.at
-            sealed.append(entry)
+        sealed, _ = seal_batch(batch, drafts, heads, seen, previous_at)
         # Sealed first, then one COPY (feeding the COPY while sealing gained nothing measurable).
         if sealed:
             await self.store.write_entries(conn, sealed)
@@ -172,8 +239,14 @@ class Audit:
             before = await self.digest()
             started = time.monotonic()
             await projection.rebuild(self.store.reset)
+            replayed = time.monotonic()
             await self.store.rebuilt()  # read indexes and statistics
             seconds = time.monotonic() - started
+            log.warning(  # an operator's action: worth a line at the default level
+                "audit rebuilt: replay %.1f s, read indexes and statistics %.1f s",
+                replayed - started,
+                seconds - (replayed - started),
+            )
             after = await self.digest()
             return Rebuilt(before, after, seconds, projection.restored, tuple(projection.restored_from))
 
@@ -186,4 +259,14 @@ class Audit:
         return Investigation(schema, digest, time.monotonic() - started)
 
 
-__all__ = ["Audit", "Investigation", "Page", "Rebuilt", "Replayable", "ScratchReplay", "TrailStore"]
+__all__ = [
+    "Audit",
+    "ChainsAhead",
+    "Investigation",
+    "Page",
+    "Rebuilt",
+    "Replayable",
+    "ScratchReplay",
+    "TrailStore",
+    "prepared_entry",
+]

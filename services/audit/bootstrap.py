@@ -9,7 +9,7 @@ from services.audit.adapters.commands import routes
 from services.audit.adapters.scratch import ScratchReplays
 from services.audit.adapters.signing import CheckpointSigner
 from services.audit.adapters.store import AuditStore
-from services.audit.application import Audit
+from services.audit.application import Audit, ChainsAhead, prepared_entry
 from services.audit.config import load_audit_settings
 from services.audit.notary import Notary
 from services.kit.bus import Bus
@@ -37,6 +37,7 @@ def cursor_key(settings: Settings) -> bytes:
 async def build(bus: Bus, settings: Settings) -> list[Component]:
     url = settings.require_database()
     store = AuditStore(url, SCHEMA)  # started first: it creates the schema the consumer needs
+    own = load_audit_settings(settings.data_dir)  # GATEHOUSE_AUDIT_*: checkpoints, retention
     audit = Audit(store, cursor_key(settings), scratch=ScratchReplays(bus, url))
     projection = ProjectionConsumer(
         bus=bus,
@@ -45,12 +46,13 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
         name="audit",
         filter_subject=ALL_EVENTS,
         apply_batch=audit.apply_batch,
-        prepare=audit.prepare,
+        prepare=prepared_entry,
+        ahead=ChainsAhead(store),  # a catch-up seals batch N+1 while batch N is written,
+        worker_from=own.replay_worker_from,  # in a worker process when it is a long one
         history=StoredHistory(bus),  # events the stream's retention dropped
     )
     server = CommandServer(bus, "audit")
     add_ping(server, settings)
-    own = load_audit_settings(settings.data_dir)  # GATEHOUSE_AUDIT_*: checkpoints, retention
     notary = Notary(CheckpointStore(store), CheckpointSigner(own.signing_key, own.trusted_keys), own)
     routes(server, audit, projection, notary)
     return [store, notary, projection, server]

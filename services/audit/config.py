@@ -18,6 +18,7 @@ class AuditSettings(msgspec.Struct, kw_only=True, frozen=True):
     trusted_keys: tuple[bytes, ...]  # raw Ed25519 public keys of earlier signing keys
     checkpoint_interval_s: float  # 0: only on demand
     retention_days: float  # 0: entries are kept for ever
+    replay_worker_from: int = 50_000  # a catch-up this long seals in a worker process; 0: never
 
 
 def key_file(data_dir: Path) -> Path:
@@ -73,6 +74,7 @@ def load_audit_settings(data_dir: Path, env: Mapping[str, str] | None = None) ->
         trusted_keys=trusted,
         checkpoint_interval_s=_number(env, "GATEHOUSE_AUDIT_CHECKPOINT_INTERVAL_S", 600),
         retention_days=_number(env, "GATEHOUSE_AUDIT_RETENTION_DAYS", 0),
+        replay_worker_from=int(_number(env, "GATEHOUSE_AUDIT_REPLAY_WORKER_FROM", 50_000)),
     )
     if settings.retention_days and settings.signing_key is None:
         raise ConfigError(

@@ -41,6 +41,7 @@ from psycopg.sql import SQL, Identifier
 from contracts.envelope import Envelope, decode_envelope
 from contracts.events import decode_payload
 from contracts.subjects import STREAM
+from services.kit.ahead import Ahead, StagingWorker
 from services.kit.bus import Bus
 from services.kit.history import StoredHistory
 from services.kit.lease import Lease
@@ -97,6 +98,8 @@ class ProjectionConsumer:
         max_deliver: int = 20,
         catch_up_batch: int = 2000,
         prepare: Callable[[Delivered], Any] | None = None,
+        ahead: Ahead | None = None,
+        worker_from: int = 0,
         history: StoredHistory | None = None,
     ) -> None:
         if apply is None and apply_batch is None:
@@ -104,6 +107,10 @@ class ProjectionConsumer:
         self.bus, self.database_url, self.schema, self.name = bus, database_url, schema, name
         self.filter_subject, self.batch = filter_subject, batch
         self.apply, self.apply_batch, self.prepare = apply, apply_batch, prepare
+        # A catch-up stages its batches ahead of their transactions (services/kit/ahead.py)
+        # when the projection can; one at least `worker_from` messages long (if > 0) does
+        # it in a worker process.
+        self.ahead, self.worker_from = ahead, worker_from
         self.history = history  # where events the stream lost are read back from
         self.restored, self.restored_from = 0, list[str]()  # by the last backfill
         self.max_deliver, self.catch_up_batch = max_deliver, catch_up_batch
@@ -307,18 +314,36 @@ class ProjectionConsumer:
         if info.state.last_seq - position <= self.batch:
             return renewed_at  # close enough: the durable consumer takes it from here
         log.info("projection %s catches up from stream seq %d", self.name, position + 1)
-        ready: asyncio.Queue[list[Delivered] | BaseException | None] = asyncio.Queue(maxsize=2)
+        # Each item: the batch's records and either its decoded messages or its staging.
+        Item = tuple[list[Record], list[Delivered] | asyncio.Future[Any]]
+        ready: asyncio.Queue[Item | BaseException | None] = asyncio.Queue(maxsize=2)
+        stager, worker = None, None
+        if self.ahead is not None:
+            async with self._conn_lock:
+                conn = await self._connection()
+                async with conn.transaction():
+                    stager = await self.ahead.stager(conn)
+            if self.worker_from and info.state.last_seq - position >= self.worker_from:
+                worker = StagingWorker(stager)
+                log.info("projection %s stages its catch-up in a worker process", self.name)
 
         async def read() -> None:
             try:
                 batches = read_stream(self.bus, self.filter_subject, position + 1, self.catch_up_batch)
                 async with contextlib.aclosing(batches):
                     async for records in batches:
-                        decoded: list[Delivered] = []
-                        for start in range(0, len(records), _DECODE_SLICE):
-                            decoded += self._decode(records[start : start + _DECODE_SLICE])
-                            await asyncio.sleep(0)  # let the COPY in progress refill its socket
-                        await ready.put(decoded)
+                        work: list[Delivered] | asyncio.Future[Any]
+                        if worker is not None:  # staged in order: one worker, a FIFO of batches
+                            work = worker.stage(records)
+                        elif stager is not None:
+                            work = loop.create_future()
+                            work.set_result(stager.stage(records))
+                        else:
+                            work = []
+                            for start in range(0, len(records), _DECODE_SLICE):
+                                work += self._decode(records[start : start + _DECODE_SLICE])
+                                await asyncio.sleep(0)  # let the COPY in progress refill its socket
+                        await ready.put((records, work))
                 await ready.put(None)
             except Exception as err:
                 await ready.put(err)
@@ -326,25 +351,32 @@ class ProjectionConsumer:
         reader = asyncio.create_task(read(), name=f"projection-{self.name}-read")
         try:
             while not self._stopping:
-                batch = await ready.get()
-                if batch is None:
+                got = await ready.get()
+                if got is None:
                     break
-                if isinstance(batch, BaseException):
-                    raise batch
+                if isinstance(got, BaseException):
+                    raise got
+                records, work = got
+                staged = await work if isinstance(work, asyncio.Future) else None
                 if loop.time() - renewed_at > self._lease.ttl / 3:
                     if not await self._lease.renew():
                         raise RuntimeError("projection lease lost")
                     renewed_at = loop.time()
                 try:
-                    await self._apply_delivered(batch, lazy_commit=True)
+                    if isinstance(work, asyncio.Future):
+                        await self._write_staged(records, staged)
+                    else:
+                        await self._apply_delivered(work, lazy_commit=True)
                 except (psycopg.OperationalError, psycopg.InterfaceError):
                     raise  # the database is away: catch up again once it answers
                 except Exception:
                     self._durable_only = True
                     raise
-                self.applied += len(batch)
+                self.applied += len(records)
         finally:
             await stop_task(reader, patience_s=5)
+            if worker is not None:
+                worker.close()
         return renewed_at
 
     async def _backfill(self, position: int, first_seq: int) -> int:
@@ -375,6 +407,30 @@ class ProjectionConsumer:
             )
         self.restored, self.restored_from = len(restored), services
         return max(position, first_seq - 1)
+
+    async def _write_staged(self, records: list[Record], staged: Any) -> None:
+        """One transaction: a staged batch (catch-up: no WAL flush awaited, see
+        `_apply_delivered`), then the new position."""
+        assert self.ahead is not None
+        async with self._conn_lock:
+            conn = await self._connection()
+            async with conn.transaction():
+                await conn.execute("SET LOCAL synchronous_commit = off")
+                position = await self._read_position(conn)
+                if records and records[0].seq <= position:
+                    raise RuntimeError(f"projection {self.name}: position {position} moved under a catch-up")
+                await self.ahead.write(conn, staged)
+                if records:
+                    await self._move_position(conn, records[-1].seq)
+
+    async def _move_position(self, conn: psycopg.AsyncConnection[Any], stream_seq: int) -> None:
+        await conn.execute(
+            SQL(
+                "INSERT INTO {} (name, stream_seq) VALUES (%s, %s) "
+                "ON CONFLICT (name) DO UPDATE SET stream_seq = EXCLUDED.stream_seq"
+            ).format(self._positions),
+            [self.name, stream_seq],
+        )
 
     def _decode(self, records: list[Record]) -> list[Delivered]:
         batch = [decode_delivered(r.seq, r.subject, r.data) for r in records]
@@ -419,13 +475,7 @@ class ProjectionConsumer:
                     for delivered in fresh:
                         await self.apply(conn, delivered)
                 if position != start:
-                    await conn.execute(
-                        SQL(
-                            "INSERT INTO {} (name, stream_seq) VALUES (%s, %s) "
-                            "ON CONFLICT (name) DO UPDATE SET stream_seq = EXCLUDED.stream_seq"
-                        ).format(self._positions),
-                        [self.name, position],
-                    )
+                    await self._move_position(conn, position)
 
 
 async def replay_into(

@@ -25,6 +25,11 @@ def register_secret(value: str) -> None:
             _registered_bytes = tuple(v.encode() for v in _registered)
 
 
+def registered() -> tuple[str, ...]:
+    """Every registered value: for a worker process that must redact alike (never logged)."""
+    return _by_length
+
+
 def secrets_version() -> int:
     """Changes whenever a secret is registered (values are never removed): for caches of `redact`."""
     return len(_registered)

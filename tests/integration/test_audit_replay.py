@@ -26,7 +26,15 @@ from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.rpc import CommandClient
-from tests.helpers import OPERATOR, eventually, running, spawn_service, stop_process, wait_ready
+from tests.helpers import (
+    OPERATOR,
+    eventually,
+    running,
+    spawn_service,
+    stop_process,
+    stream_envelopes,
+    wait_ready,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -222,3 +230,45 @@ async def test_events_dropped_by_retention_are_restored_from_the_stores(platform
 
     # Without the stores the trail would be short: what the stream alone holds.
     assert first.after.entries == live.entries > state.messages
+
+
+async def test_a_replay_prepared_in_worker_processes_equals_the_live_trail(
+    identity: Bus, spawn_audit: Spawn, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The live trail is made in the service process alone; a replay whose entries are
+    prepared in a worker process (a long catch-up) must give the same trail, poison included."""
+    client = CommandClient(identity)
+    admin = await client.call(
+        "identity",
+        "create_user",
+        CreateUser(meta=OPERATOR, email="admin@workers.test", org="workers", is_admin=True),
+        UserCreated,
+    )
+    service_env["GATEHOUSE_AUDIT_REPLAY_WORKER_FROM"] = "0"
+    audit = spawn_audit("audit-alone.log")
+    await wait_ready(identity, "audit")
+    await publish_usage(identity, 3000, admin.org_id, admin.user_id)
+    # The same event again, past JetStream's dedupe (another message id), in a later batch:
+    # the trail keeps it once; a staged catch-up cannot know it and hands over to the
+    # durable consumer, which does.
+    again = (await stream_envelopes(identity, "events.identity.api_key_used"))[10]
+    await identity.js.publish("events.identity.api_key_used", b"\xff not an envelope")
+    await publish_usage(identity, 3000, admin.org_id, admin.user_id)
+    await identity.js.publish(
+        "events.identity.api_key_used", encode_envelope(again), headers={"Nats-Msg-Id": "again"}
+    )
+    await publish_usage(identity, 5, admin.org_id, admin.user_id)  # the digest names the last entry
+    await eventually(lambda: caught_up(client, identity), timeout=SETTLE, step=0.2)
+    live = await digest(client, verify=True)
+    assert live.broken_detail is None and live.entries == live.stream_seq - 1
+    stop_process(audit)
+
+    service_env["GATEHOUSE_AUDIT_REPLAY_WORKER_FROM"] = "1000"
+    spawn_audit("audit-workers.log")
+    await wait_ready(identity, "audit")
+    rebuilt = await rebuild(client)
+    assert rebuilt.before.digest == rebuilt.after.digest == live.digest
+    assert (await digest(client, verify=True)).broken_detail is None
+    log = (tmp_path / "audit-workers.log").read_text()
+    assert "stages its catch-up in a worker process" in log  # the rebuild took the worker path
+    assert "UniqueViolation" in log  # and met the duplicate, which the durable consumer kept once

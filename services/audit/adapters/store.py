@@ -32,6 +32,49 @@ _encoder = msgspec.json.Encoder()
 _TYPES = ["text", "text", "int8", "int8", "timestamptz", *["text"] * 10, "jsonb", *["text"] * 4]
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def encode_copy_rows(entries: list[Entry]) -> bytes:
+    """Entries as COPY text rows of `_COLUMNS`, made where the sealing runs (a worker process
+    in a long catch-up). Texts never hold NUL (`clean_text` replaces it, JSON escapes it), so
+    NUL stands for NULL while a row is joined; a row with a tab, newline or backslash in a
+    value (JSON with an escaped quote, say) is escaped value by value instead."""
+    lines: list[str] = []
+    for e in entries:
+        a = e.actor
+        values = (
+            e.id,
+            e.org_id,
+            str(e.seq),
+            str(e.stream_seq),
+            e.at.isoformat(),
+            a.kind,
+            a.id,
+            a.key_id,
+            a.ip,
+            a.user_agent,
+            e.subject_user_id,
+            e.action,
+            e.resource_type,
+            e.resource_id,
+            e.outcome,
+            _encoder.encode(e.metadata).decode(),
+            e.correlation_id,
+            e.trace_id,
+            e.prev_hash,
+            e.hash,
+        )
+        line = "\t".join(["\x00" if v is None else v for v in values])
+        if "\\" in line or "\n" in line or "\r" in line or line.count("\t") != len(values) - 1:
+            line = "\t".join(["\\N" if v is None else v.translate(_ESCAPES) for v in values])
+        else:
+            line = line.replace("\x00", "\\N")
+        lines.append(line)
+    lines.append("")
+    return "\n".join(lines).encode()
+
+
 class AuditStore:
     def __init__(self, database_url: str, schema: str = "audit", pool_size: int = 8) -> None:
         self.database_url, self.schema, self.pool_size = database_url, schema, pool_size
@@ -79,6 +122,11 @@ class AuditStore:
         found = {str(r[0]): Head(str(r[0]), int(r[1]), str(r[2])) for r in await cur.fetchall()}
         return {org_id: found.get(org_id) or genesis(org_id) for org_id in wanted}
 
+    async def all_heads(self, conn: Conn) -> list[Head]:
+        """Every chain's head (a catch-up keeps them in memory under the projection's lease)."""
+        cur = await conn.execute(self._sql("SELECT org_id, seq, hash FROM {s}.chain_heads"))
+        return [Head(str(r[0]), int(r[1]), str(r[2])) for r in await cur.fetchall()]
+
     async def known(self, conn: Conn, ids: Sequence[str]) -> set[str]:
         """Which of these entry ids the trail already holds."""
         if not ids:
@@ -100,6 +148,18 @@ class AuditStore:
                 copy.set_types(_TYPES)
                 for entry in entries:
                     await copy.write_row(_row(entry))
+
+    @staticmethod
+    def encode_rows(entries: list[Entry]) -> bytes:
+        """`encode_copy_rows` (a static method pickles by name: a worker process runs it)."""
+        return encode_copy_rows(entries)
+
+    async def copy_rows(self, conn: Conn, rows: bytes) -> None:
+        """COPYs rows `encode_rows` made (in chain order, new ids)."""
+        if rows:
+            async with conn.cursor() as cur:
+                async with cur.copy(self._sql("COPY {s}.entries ({cols}) FROM STDIN")) as copy:
+                    await copy.write(rows)
 
     async def move_heads(self, conn: Conn, heads: Sequence[Head]) -> None:
         if heads:
@@ -127,7 +187,7 @@ class AuditStore:
         """After a rebuild: the read indexes again (sorted in bulk), and fresh statistics."""
         async with self.pool.connection() as conn:
             await conn.execute("SET maintenance_work_mem = '256MB'")
-            await create_read_indexes(conn, self.schema)
+            await create_read_indexes(conn, self.schema)  # each build sorts with parallel workers
             await conn.execute(self._sql("ANALYZE {s}.entries, {s}.chain_heads"))
             await conn.execute("RESET maintenance_work_mem")
 
