@@ -315,7 +315,8 @@ async def main(events: int, rounds: int, root: Path) -> None:
             f"(CLI wall time); audit peak RSS during replay {peak_rss_mb(audit.pid):.0f} MB"
         )
         print(
-            f"  CPU: audit process and its staging worker {own / events * 1e6:.1f} µs/event ({own / seconds:.2f} cores); "
+            f"  CPU: audit process and its staging worker {own / events * 1e6:.1f} µs/event "
+            f"({own / seconds:.2f} cores); "
             f"PostgreSQL {servers['postgres'] / events * 1e6:.1f} µs/event "
             f"({servers['postgres'] / seconds:.2f} cores); "
             f"NATS {servers['nats'] / events * 1e6:.1f} µs/event; "
