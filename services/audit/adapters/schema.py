@@ -6,6 +6,7 @@ index backwards and stops after `limit` rows instead of sorting the org's matche
 1,000,000 entries; see docs/replay.md).
 """
 
+from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -81,8 +82,11 @@ async def create_tables(conn: psycopg.AsyncConnection[Any], schema: str) -> None
         await create_read_indexes(conn, schema)
 
 
-async def create_read_indexes(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
-    for name, columns in READ_INDEXES.items():
+async def create_read_indexes(
+    conn: psycopg.AsyncConnection[Any], schema: str, names: Iterable[str] = READ_INDEXES
+) -> None:
+    for name in names:
+        columns = READ_INDEXES[name]
         await conn.execute(
             SQL("CREATE INDEX IF NOT EXISTS {} ON {}.entries ({})").format(
                 Identifier(name),
