@@ -35,7 +35,7 @@ from services.mcp_proxy.application.ports import (
     Upstreams,
 )
 from services.mcp_proxy.application.recent import Recent
-from services.mcp_proxy.application.recorder import Recorder
+from services.mcp_proxy.application.recorder import Recorder, event_meta
 from services.mcp_proxy.application.registry import Registry
 from services.mcp_proxy.config import ProxySettings
 from services.mcp_proxy.domain import calls as codes
@@ -276,9 +276,6 @@ class _Call:
     ) -> CallOutcome:
         c = self.c
         duration_ms = round((time.perf_counter() - self.t0) * 1000, 3)
-        meta: dict[str, Any] = {"actor": c.meta.actor, "correlation_id": c.meta.correlation_id}
-        if c.meta.trace.traceparent:
-            meta["trace"] = c.meta.trace
         self.calls.recorder.call(
             CallRecord(
                 request_id=c.request_id,
@@ -294,7 +291,7 @@ class _Call:
                 reached_upstream=self.reached,
                 started_at=self.started_at,
                 error=error,
-                meta=msgspec.to_builtins(meta),
+                meta=event_meta(c.meta),
             )
         )
         return CallOutcome(

@@ -17,15 +17,28 @@ import contextlib
 import logging
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
+import msgspec
 from eventsourcing.domain import Aggregate
 
+from contracts.commands.common import CommandMeta
 from services.kit.tasks import stop_task
 from services.mcp_proxy.application.store import ProxyStore
 from services.mcp_proxy.domain.calls import CallRecord, ProcessRecord, ToolCall, UpstreamProcess
 from services.mcp_proxy.domain.requests import RequestRecord, UpstreamRequest
 
 log = logging.getLogger(__name__)
+
+
+def event_meta(meta: CommandMeta) -> dict[str, Any]:
+    """The envelope metadata a recorded fact carries: who asked, the correlation, the trace."""
+    out: dict[str, Any] = {"actor": meta.actor, "correlation_id": meta.correlation_id}
+    if meta.trace.traceparent:
+        out["trace"] = meta.trace
+    return msgspec.to_builtins(out)  # type: ignore[no-any-return]
+
+
 Record = CallRecord | ProcessRecord | RequestRecord
 
 

@@ -12,7 +12,6 @@ error: the upstream's own code and message, or one of mcp_proxy's (domain/calls.
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import Any
 
 import msgspec
 
@@ -20,7 +19,7 @@ from contracts.commands.mcp import ForwardOutcome, ForwardRequest, RpcError
 from services.kit.rpc import refuse
 from services.mcp_proxy.application.calls import Calls
 from services.mcp_proxy.application.ports import Reply, ServerStatus, UpstreamError
-from services.mcp_proxy.application.recorder import Recorder
+from services.mcp_proxy.application.recorder import Recorder, event_meta
 from services.mcp_proxy.domain import calls as codes
 from services.mcp_proxy.domain.calls import arguments_digest
 from services.mcp_proxy.domain.errors import MissingSecret
@@ -111,9 +110,6 @@ class _Record:
         c = self.c
         if c.method not in RECORDED:
             return
-        meta: dict[str, Any] = {"actor": c.meta.actor, "correlation_id": c.meta.correlation_id}
-        if c.meta.trace.traceparent:
-            meta["trace"] = c.meta.trace
         self.forwarding.recorder.request(
             RequestRecord(
                 request_id=self.request_id,
@@ -128,6 +124,6 @@ class _Record:
                 result_bytes=reply.size if reply is not None else 0,
                 started_at=self.started_at,
                 error=error,
-                meta=msgspec.to_builtins(meta),
+                meta=event_meta(c.meta),
             )
         )

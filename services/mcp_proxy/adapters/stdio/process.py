@@ -345,19 +345,9 @@ class StdioProcess(asyncio.SubprocessProtocol):
             if listener.wants_progress:  # our token upstream; the listener puts the client's back
                 params += b',"_meta":{"progressToken":' + _encoder.encode(call_id) + b"}"
         params += b"}"
-        rid = 0
         try:
-            rid, fut = self.peer.send("tools/call", params)
-            self._calls[call_id] = rid
-            async with asyncio.timeout(timeout):
-                result = await fut
-        except TimeoutError:
-            self.peer.abandon(rid, "timeout")
-            self.retire("timeout")  # a hung upstream is not used again
-            raise UpstreamTimeout(
-                f"The server '{self.target.server}' did not answer within {timeout:g} s; "
-                "the call was canceled and the upstream process restarted."
-            ) from None
+            then = "the call was canceled and the upstream process restarted"
+            result = await self._exchange("tools/call", params, timeout, then, call_id)
         except RpcError as err:
             return Reply(None, error=err.message, error_code=err.code)
         finally:
@@ -365,10 +355,7 @@ class StdioProcess(asyncio.SubprocessProtocol):
             if listener is not None:
                 self._listeners.pop(call_id, None)
                 await listener.flush()  # every notification is out before the outcome
-            self.in_flight -= 1
-            self.last_used = time.monotonic()
-            if self.retired is not None and self.in_flight == 0:
-                self.stop(self.retired)
+            self._finished()
         if _decode_head(result).isError:
             return Reply(result, is_error=True, error=error_text(result), size=len(result))
         return Reply(result, size=len(result))
@@ -377,26 +364,41 @@ class StdioProcess(asyncio.SubprocessProtocol):
         """Any other request (resources, prompts, completions): params and result stay raw."""
         self.in_flight += 1
         self.last_used = time.monotonic()
-        rid = 0
         try:
-            rid, fut = self.peer.send(method, one_line(params))
-            async with asyncio.timeout(timeout):
-                result = await fut
-        except TimeoutError:
-            self.peer.abandon(rid, "timeout")
-            self.retire("timeout")  # a hung upstream is not used again
-            raise UpstreamTimeout(
-                f"The server '{self.target.server}' did not answer {method} within {timeout:g} s; "
-                "the upstream process is restarted."
-            ) from None
+            then = "the upstream process is restarted"
+            result = await self._exchange(method, one_line(params), timeout, then)
         except RpcError as err:
             return Reply(None, error=err.message, error_code=err.code, error_data=err.data)
         finally:
-            self.in_flight -= 1
-            self.last_used = time.monotonic()
-            if self.retired is not None and self.in_flight == 0:
-                self.stop(self.retired)
+            self._finished()
         return Reply(result, size=len(result))
+
+    async def _exchange(
+        self, method: str, params: bytes, timeout: float, then: str, call_id: str | None = None
+    ) -> msgspec.Raw:
+        """Sends one request and waits for its result (RpcError: the upstream's error); an
+        upstream that does not answer in time is retired and never used again."""
+        rid = 0
+        try:
+            rid, fut = self.peer.send(method, params)
+            if call_id is not None:
+                self._calls[call_id] = rid  # so that the client can cancel it
+            async with asyncio.timeout(timeout):
+                return await fut
+        except TimeoutError:
+            self.peer.abandon(rid, "timeout")
+            self.retire("timeout")
+            what = "" if method == "tools/call" else f"{method} "
+            raise UpstreamTimeout(
+                f"The server '{self.target.server}' did not answer {what}within {timeout:g} s; {then}."
+            ) from None
+
+    def _finished(self) -> None:
+        """One request fewer in flight; a retired process stops once the last one is done."""
+        self.in_flight -= 1
+        self.last_used = time.monotonic()
+        if self.retired is not None and self.in_flight == 0:
+            self.stop(self.retired)
 
     def cancel(self, call_id: str) -> bool:
         rid = self._calls.get(call_id)
