@@ -25,6 +25,7 @@ import psutil
 from bench import lean_http
 from bench.gatehouse_platform import Platform, listener_on
 from bench.lean_http import Connection
+from bench.stats import pct_ms
 
 P50_TARGET_MS = 0.2
 THROUGHPUT_TARGET = 0.70
@@ -41,8 +42,7 @@ class Stats:
     other_cpu_s: float = 0.0  # every other process on the machine: noise
 
     def pct_ms(self, q: float) -> float:
-        ordered = sorted(self.latencies_ns)
-        return ordered[max(0, math.ceil(q * len(ordered)) - 1)] / 1e6
+        return pct_ms(self.latencies_ns, q)
 
     @property
     def mean_ms(self) -> float:

@@ -42,6 +42,7 @@ import psutil
 import psycopg
 
 from bench.lean_http import Connection
+from bench.stats import pct
 from contracts.commands import secrets as sec
 from contracts.commands.builds import LogBatch
 from contracts.commands.common import CommandMeta, Ping
@@ -71,11 +72,6 @@ def meta() -> CommandMeta:
     return CommandMeta(
         actor=Actor(kind="operator", id="bench"), correlation_id=f"bench-{uuid.uuid4().hex[:8]}"
     )
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(p * len(ordered)) - 1)]
 
 
 async def call(nc: nats.NATS, subject: str, body: bytes, timeout: float = 10.0) -> bytes:

@@ -43,6 +43,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 import psutil
 
+from bench.stats import pct
 from contracts.commands import mcp as cmd
 from contracts.commands.common import CommandMeta, Ping, Pong
 from contracts.commands.secrets import RevealedSecret, RevealSecret
@@ -66,11 +67,6 @@ class Outcome(msgspec.Struct):
     status: str
     result: msgspec.Raw = msgspec.Raw(b"")
     error: str | None = None
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 def cpu(process: psutil.Process) -> float:

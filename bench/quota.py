@@ -39,7 +39,6 @@ import argparse
 import asyncio
 import atexit
 import base64
-import math
 import os
 import shutil
 import subprocess
@@ -53,6 +52,7 @@ import nats
 import psutil
 import psycopg
 
+from bench.stats import pct_ms as pct
 from contracts.commands import quota as q
 from contracts.commands.common import CommandMeta, Ping
 from contracts.commands.identity import CreateUser, UserCreated
@@ -72,10 +72,6 @@ class Reply(msgspec.Struct):
 
 _reply = msgspec.json.Decoder(Reply)
 _reservation = msgspec.json.Decoder(q.Reservation)
-
-
-def pct(sorted_ns: list[int], p: float) -> float:
-    return sorted_ns[max(0, math.ceil(p * len(sorted_ns)) - 1)] / 1e6
 
 
 def spawn(name: str, env: dict[str, str], logs: Path, profile: str | None = None) -> subprocess.Popen[bytes]:

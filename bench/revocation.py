@@ -10,7 +10,6 @@ The delay is counted from the moment the DELETE returned.
 
 import argparse
 import asyncio
-import math
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ if __package__ in (None, ""):  # `python bench/revocation.py`: import `bench.*` 
 
 from bench.gatehouse_platform import Platform
 from bench.lean_http import Connection, run
+from bench.stats import pct
 
 TARGET_S = 1.0
 POLL_S = 0.001
@@ -58,11 +58,6 @@ async def one_round(
     revoked_at = time.perf_counter()
     rejected_at, polls = await poll_until(two, probe, 401)
     return usable_at - issued_at, rejected_at - revoked_at, polls
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
 
 
 async def measure(url1: str, url2: str, admin_key: str, repeat: int) -> None:

@@ -27,7 +27,6 @@ if __package__ in (None, ""):  # `python bench/secrets_reveal.py`: the repo root
 
 import argparse
 import asyncio
-import math
 import os
 import shutil
 import subprocess
@@ -40,6 +39,7 @@ import nats
 import psutil
 import psycopg
 
+from bench.stats import pct_ms as pct
 from contracts.commands import secrets as cmd
 from contracts.commands.common import CommandMeta, Ping
 from contracts.envelope import Actor
@@ -59,10 +59,6 @@ class Reply(msgspec.Struct):
 
 
 _reply = msgspec.json.Decoder(Reply)
-
-
-def pct(sorted_ns: list[int], p: float) -> float:
-    return sorted_ns[max(0, math.ceil(p * len(sorted_ns)) - 1)] / 1e6
 
 
 def meta(actor: str) -> CommandMeta:
