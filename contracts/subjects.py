@@ -38,6 +38,22 @@ def mcp_notices(request_id: str) -> str:
     return f"mcp.notify.{request_id}"
 
 
+# The MCP client's answers to an upstream's requests during one tool call (sampling,
+# elicitation: contracts/commands/mcp.py ClientRequest, ClientAnswer), gateway -> the mcp_proxy
+# instance running the call, as core NATS request/reply; `seq` is the request's id on the
+# notice subject.
+MCP_ANSWERS: Final = "mcp.answer.>"
+
+
+def mcp_answers(request_id: str) -> str:
+    """Every answer of one call: what mcp_proxy subscribes to while the call runs."""
+    return f"mcp.answer.{request_id}.*"
+
+
+def mcp_answer(request_id: str, seq: int) -> str:
+    return f"mcp.answer.{request_id}.{seq}"
+
+
 # Builds (contracts/commands/builds.py): a work queue, a log stream, live status, heartbeats.
 BUILDS_STREAM: Final = "GATEHOUSE_BUILDS"  # work-queue retention: an order is removed once acked
 BUILD_QUEUE: Final = "builds.queue"

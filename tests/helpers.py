@@ -2,10 +2,12 @@
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -151,3 +153,30 @@ def eventually_sync(check: Callable[[], Any], timeout: float = 10.0, step: float
             return result
         time.sleep(step)
     raise AssertionError(f"condition not met within {timeout}s (last value: {result!r})")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def http_upstream(script: Path | str, *flags: str, log: Path) -> Iterator[int]:
+    """An upstream MCP server script listening on a free loopback port (yielded) once it
+    accepts connections; terminated afterwards. Its output goes to `log`."""
+    port = free_port()
+    with open(log, "ab") as out:
+        command = [sys.executable, str(script), *flags, "--port", str(port)]
+        process = subprocess.Popen(command, stdout=out, stderr=out)
+        try:
+            for _ in range(150):
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+            yield port
+        finally:
+            process.terminate()
+            process.wait(10)

@@ -134,9 +134,60 @@ class CallTool(msgspec.Struct, kw_only=True):
     # or above (an MCP level, "debug" … "emergency"). None: not wanted.
     progress_token: str | int | None = None
     log_level: str | None = None
+    # What the caller's MCP client declared it answers (CLIENT_FEATURES): an upstream's
+    # sampling/elicitation request during this call goes to it as a ClientRequest on the same
+    # subject. Empty: such requests are refused upstream (-32601), as before.
+    client_features: list[str] = msgspec.field(default_factory=list)
 
 
 CallStatus = Literal["success", "error", "timeout"]
+
+# Server-to-client requests relayed during a tool call, and the client capability each needs
+# (`elicitation/create` by its `mode`, "form" when absent). Roots are not relayed.
+CLIENT_FEATURES: Final = ("sampling", "elicitation.form", "elicitation.url")
+CLIENT_REQUESTS: Final = ("sampling/createMessage", "elicitation/create")
+
+
+class ClientRequest(msgspec.Struct, kw_only=True):
+    """An upstream's request to the caller's MCP client during a tool call, published on
+    `mcp.notify.<request_id>` among the call's notifications (contracts/subjects.py).
+
+    A JSON-RPC request whose `id` is the call's own counter (1, 2, …): the gateway gives the
+    client an id of its own and sends the client's answer to `mcp.answer.<request_id>.<id>`.
+    `params` are the upstream's, as sent (user content: never logged, never on JetStream).
+    """
+
+    jsonrpc: str = "2.0"
+    id: int
+    method: str  # one of CLIENT_REQUESTS
+    params: msgspec.Raw
+
+
+class AnswerError(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A client's JSON-RPC error (`data` raw; empty: absent, so that it decodes from any JSON)."""
+
+    code: int
+    message: str
+    data: msgspec.Raw = msgspec.Raw(b"")
+
+
+class ClientAnswer(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """The MCP client's JSON-RPC response to a ClientRequest: exactly one of result and error.
+
+    `user_id` is whose session the response came in (the gateway checked it); mcp_proxy
+    accepts it only from the call's own caller.
+    """
+
+    user_id: str
+    result: msgspec.Raw = msgspec.Raw(b"")  # empty: absent
+    error: AnswerError | None = None
+
+
+class AnswerReceipt(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """mcp_proxy's reply to a ClientAnswer: taken to the upstream, or why not."""
+
+    accepted: bool
+    detail: str = ""
 
 
 class CallOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):

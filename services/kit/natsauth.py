@@ -9,7 +9,9 @@ subjects open (services add subjects often; a wall that must list them all break
   `events.secrets.>` (no one can forge its facts);
 - no user may subscribe to another user's inbox (where a reveal's reply arrives);
 - only `mcp_proxy` may publish, and only `gateway` subscribe to, `mcp.notify.>` (a tool
-  call's progress and log notifications, which carry what the upstream says to one user).
+  call's progress and log notifications and the upstream's sampling/elicitation requests,
+  which carry what the upstream says to one user); the other way, only `gateway` may publish,
+  and only `mcp_proxy` subscribe to, `mcp.answer.>` (the client's answers to those requests).
 
 `operator` is the CLI. `gatehouse up` renders this into its embedded NATS server's
 configuration, with a password per user kept in `<data dir>/keys/nats-<user>` (0600);
@@ -19,7 +21,7 @@ infra/nats/authorization.conf.example is the production counterpart (docs/secret
 import json
 from pathlib import Path
 
-from contracts.subjects import MCP_NOTICES, command
+from contracts.subjects import MCP_ANSWERS, MCP_NOTICES, command
 
 OPERATOR = "operator"
 SERVICE_USERS = (
@@ -56,8 +58,10 @@ def permissions(user: str) -> dict[str, object]:
         subscribe_deny.append("cmd.secrets.>")
     if user != NOTICE_PUBLISHER:
         publish_deny.append(MCP_NOTICES)
+        subscribe_deny.append(MCP_ANSWERS)
     if user != NOTICE_READER:
         subscribe_deny.append(MCP_NOTICES)
+        publish_deny.append(MCP_ANSWERS)
     publish: dict[str, list[str]] = {"allow": [">"]}
     if publish_deny:
         publish["deny"] = publish_deny

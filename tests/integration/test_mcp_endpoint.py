@@ -323,8 +323,8 @@ async def test_malformed_messages(world: World) -> None:
     assert notification.status_code == 202 and notification.content == b""
     response = await world.http[0].post(
         "/mcp", json={"jsonrpc": "2.0", "id": 5, "result": {}}, headers=headers
-    )
-    assert response.status_code == 202
+    )  # a response to nothing the gateway asked (tests/integration/test_mcp_endpoint_asks.py)
+    assert response.status_code == 400 and "Unknown response id 5" in response.json()["error"]["message"]
     empty = await world.http[0].post("/mcp", json=rpc("prompts/list"), headers=headers)
     assert empty.json()["result"] == {"prompts": []}
 

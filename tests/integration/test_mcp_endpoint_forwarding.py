@@ -6,10 +6,7 @@ The official SDK client drives the endpoint in both protocol eras; raw JSON-RPC 
 refusals (a method off the allow-list, bad params, another user's server, `/mcp`).
 """
 
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,7 @@ from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus
 from services.kit.rpc import CommandClient
 from services.mcp_proxy.bootstrap import build as proxy_build
-from tests.helpers import OPERATOR, eventually, running, stream_envelopes
+from tests.helpers import OPERATOR, eventually, http_upstream, running, stream_envelopes
 from tests.integration.mcp_world import MODERN, bearer, platform_settings, replica, served
 
 pytestmark = pytest.mark.integration
@@ -54,32 +51,12 @@ class Stack:
     bea: UserCreated
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def http_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The conformance fixture over Streamable HTTP, as a remote upstream."""
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("upstream") / "conformance.log", "ab")
-    process = subprocess.Popen(
-        [sys.executable, CONFORMANCE, "--http", "--port", str(port)], stdout=log, stderr=log
-    )
-    try:
-        for _ in range(150):
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                time.sleep(0.1)
+    log = tmp_path_factory.mktemp("upstream") / "conformance.log"
+    with http_upstream(CONFORMANCE, "--http", log=log) as port:
         yield f"http://127.0.0.1:{port}/mcp"
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
 
 
 @pytest.fixture(scope="module")

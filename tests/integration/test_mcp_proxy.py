@@ -9,8 +9,6 @@ import asyncio
 import functools
 import hashlib
 import os
-import socket
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -33,7 +31,7 @@ from services.kit.config import Settings
 from services.kit.rpc import CommandClient, CommandFailed, CommandServer, refuse
 from services.mcp_proxy.application.ports import QuotaExceeded, Reservation
 from services.mcp_proxy.bootstrap import build
-from tests.helpers import eventually, running, stream_envelopes
+from tests.helpers import eventually, http_upstream, running, stream_envelopes
 
 pytestmark = pytest.mark.integration
 
@@ -435,36 +433,11 @@ async def test_idle_timeout_reaps_the_process_tree(proxy_env: pytest.MonkeyPatch
 
 
 # -- remote upstreams ---------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def http_upstreams(tmp_path: Path) -> Iterator[tuple[int, int]]:
-    ports = free_port(), free_port()
-    log = open(tmp_path / "upstreams.log", "ab")
-    procs = [
-        subprocess.Popen([sys.executable, ECHO, flag, "--port", str(port)], stdout=log, stderr=log)
-        for flag, port in zip(("--http", "--sse"), ports, strict=True)
-    ]
-    try:
-        for port in ports:
-            for _ in range(100):
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    import time
-
-                    time.sleep(0.1)
-        yield ports
-    finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
-        log.close()
+    log = tmp_path / "upstreams.log"
+    with http_upstream(ECHO, "--http", log=log) as http, http_upstream(ECHO, "--sse", log=log) as sse:
+        yield http, sse
 
 
 async def test_http_and_sse_upstreams_with_secret_headers(

@@ -10,6 +10,7 @@ from typing import Any, Final
 from services.gateway.adapters.mcp_relay import Relay
 from services.gateway.adapters.mcp_sessions import SessionStore
 from services.gateway.application import Gateway
+from services.gateway.mcp.asks import AskIds
 from services.gateway.mcp.directory import ToolDirectory
 from services.gateway.mcp.exchange import CancelNotice, Exchange
 
@@ -60,6 +61,8 @@ class McpFace:
             self.relay.broadcast_cancel,
             self.relay.listen,
             self.sessions.set_log_level,
+            AskIds(gateway.pepper),
+            self.relay.answer,
         )
         self._started = False
         self._starting = asyncio.Lock()

@@ -6,7 +6,9 @@
   the one that is forwards it to mcp_proxy.
 
 And from mcp_proxy: `mcp.notify.<request_id>` (contracts/subjects.py), the progress and log
-notifications of one tool call, heard by the replica that sent the call (`listen`).
+notifications of one tool call and the upstream's requests to the client, heard by the
+replica that sent the call (`listen`). To mcp_proxy: `mcp.answer.<request_id>.<seq>`, the
+client's answer to such a request, from whichever replica the client POSTed it to (`answer`).
 """
 
 import asyncio
@@ -18,14 +20,21 @@ from typing import Final
 import msgspec
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 
-from contracts.subjects import mcp_notices
+from contracts.commands.mcp import AnswerReceipt
+from contracts.subjects import mcp_answer, mcp_notices
 from services.gateway.mcp.exchange import CancelNotice
 from services.kit.bus import Bus
 
 log = logging.getLogger(__name__)
 
 CANCEL_SUBJECT: Final = "mcp.cancel"
+ANSWER_TIMEOUT_S: Final = 5.0
+_NOT_WAITING: Final = AnswerReceipt(
+    accepted=False, detail="The request this answers is no longer waiting (its tool call ended)."
+)
 
 
 def sse_subject(session_id: str) -> str:
@@ -34,6 +43,7 @@ def sse_subject(session_id: str) -> str:
 
 _encoder = msgspec.json.Encoder()
 _cancel_decoder = msgspec.json.Decoder(CancelNotice)
+_receipt_decoder = msgspec.json.Decoder(AnswerReceipt)
 
 
 class NoticeInbox:
@@ -89,6 +99,20 @@ class Relay:
                 await sub.unsubscribe()
             except Exception:
                 log.debug("notice subscription of a finished call already gone")
+
+    async def answer(self, request_id: str, seq: int, answer: bytes) -> AnswerReceipt | None:
+        """Hands a client's answer to the mcp_proxy instance whose call waits for it; None when
+        nobody confirmed it in time."""
+        try:
+            reply = await self.bus.nc.request(mcp_answer(request_id, seq), answer, timeout=ANSWER_TIMEOUT_S)
+        except NoRespondersError:
+            return _NOT_WAITING  # the call is over: nobody listens for its answers any more
+        except NatsTimeout:
+            return None
+        try:
+            return _receipt_decoder.decode(reply.data)
+        except msgspec.DecodeError:
+            return None
 
     @asynccontextmanager
     async def stream(self, session_id: str) -> AsyncIterator[asyncio.Queue[bytes]]:

@@ -4,14 +4,15 @@ Any gateway replica can serve any session: the record lives in the KV bucket
 `gatehouse_mcp_sessions` (TTL one hour, renewed while the session is used), with a small
 in-memory cache in front. A cached record is re-read from the bucket every `RECHECK_S`, and
 an ended session is dropped from every replica's cache at once by a broadcast on
-`mcp.session.ended`, a changed one (`logging/setLevel`) by one on `mcp.session.changed`.
+`mcp.session.ended`, a changed one (`logging/setLevel`, a legacy SSE client's `initialize`) by
+one on `mcp.session.changed`.
 """
 
 import logging
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 from nats.aio.msg import Msg
@@ -44,6 +45,9 @@ class McpSession(msgspec.Struct, kw_only=True):
     transport: Literal["streamable", "sse"] = "streamable"
     created_at: float = 0.0
     log_level: str | None = None  # set by logging/setLevel: the upstreams' logs are relayed from it up
+    # What the client's initialize declared it answers (sampling, elicitation.form|url): the
+    # upstreams' requests of that kind during a call are relayed to it (mcp/exchange.py).
+    client_features: list[str] = msgspec.field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -137,10 +141,17 @@ class SessionStore:
             log.warning("could not renew an MCP session's TTL: %s", type(err).__name__)
 
     async def set_log_level(self, session_id: str, level: str) -> None:
+        await self._change(session_id, log_level=level)
+
+    async def set_client_features(self, session_id: str, features: list[str]) -> None:
+        """Legacy SSE: the client's initialize comes after the session was made."""
+        await self._change(session_id, client_features=features)
+
+    async def _change(self, session_id: str, **fields: Any) -> None:
         session = await self.get(session_id)
-        if session is None or session.log_level == level:
+        if session is None or all(getattr(session, k) == v for k, v in fields.items()):
             return
-        changed = msgspec.structs.replace(session, log_level=level)
+        changed = msgspec.structs.replace(session, **fields)
         value = _encoder.encode(changed)
         try:
             await self.kv.put(session_id, value)

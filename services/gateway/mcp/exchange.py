@@ -19,6 +19,12 @@ stateless era the request's `io.modelcontextprotocol/logLevel`) hears `mcp.notif
 while it runs: each upstream notification goes to the listener, all before the response.
 Any other call takes the plain path (no subscription).
 
+A handshake-era call whose client declared `sampling` or `elicitation` (kept in the session)
+hears the same subject for the upstream's requests to the client: each is written on the
+call's stream under an id of the gateway's (mcp/asks.py), and the client's JSON-RPC response,
+POSTed in the same session to any replica, is checked against that id and sent to the
+mcp_proxy instance running the call (`response`).
+
 On one server's endpoint, resources, prompts and completions go to mcp_proxy as
 `cmd.mcp_proxy.request` and the upstream's result or JSON-RPC error is passed on as sent
 (`_forward`); on `/mcp` their listings are empty and the rest is -32601.
@@ -36,9 +42,12 @@ import msgspec
 from contracts.commands.common import CommandMeta, Problem
 from contracts.commands.mcp import (
     FORWARDED_METHODS,
+    AnswerError,
+    AnswerReceipt,
     Caller,
     CallTool,
     CancelCall,
+    ClientAnswer,
     ForwardRequest,
     UpstreamFeatures,
 )
@@ -46,6 +55,7 @@ from services.gateway.application import Gateway
 from services.gateway.domain import Principal
 from services.gateway.mcp import naming
 from services.gateway.mcp import protocol as p
+from services.gateway.mcp.asks import AskIds
 from services.gateway.mcp.directory import ToolDirectory
 from services.gateway.mcp.replies import CallOutcomeReply, ForwardOutcomeReply, present
 from services.kit.rpc import CommandFailed
@@ -84,6 +94,9 @@ class Inbox(Protocol):
 
 
 Listen = Callable[[str], AbstractAsyncContextManager[Inbox]]
+# Sends a client's answer to the call waiting for it (request id, counter, ClientAnswer JSON);
+# None: nobody confirmed it in time.
+Answer = Callable[[str, int, bytes], Awaitable[AnswerReceipt | None]]
 
 
 def caller_of(principal: Principal) -> Caller:
@@ -107,6 +120,7 @@ class Context:
     started: tuple[str, Caller] | None = None  # the tool call under way (request id, caller)
     listener: Listener | None = None  # None: this transport cannot deliver notifications
     log_level: str | None = None  # handshake era: the session's logging/setLevel, if any
+    client_features: tuple[str, ...] = ()  # handshake era: what the client's initialize declared
 
     def meta(self) -> CommandMeta:
         return Gateway.meta(self.principal, self.ip, self.user_agent, None)
@@ -123,9 +137,12 @@ class Exchange:
         broadcast_cancel: Callable[[CancelNotice], Awaitable[None]],
         listen: Listen | None = None,
         set_log_level: Callable[[str, str], Awaitable[None]] | None = None,
+        ask_ids: AskIds | None = None,
+        answer: Answer | None = None,
     ) -> None:
         self.gateway, self.directory, self.broadcast_cancel = gateway, directory, broadcast_cancel
         self.listen, self.set_log_level = listen, set_log_level
+        self.ask_ids, self.answer = ask_ids, answer
         self._calls: dict[tuple[str, bytes], tuple[str, Caller]] = {}  # (session, JSON-RPC id)
         self._methods: dict[str, Method] = {
             "tools/call": self._call,
@@ -191,11 +208,14 @@ class Exchange:
         request_id = str(uuid.uuid4())
         listener = ctx.listener if self.listen is not None else None
         token = level = None
+        features: list[str] = []
         if listener is not None:
             token = params.meta.progressToken if params.meta is not None else None
             level = (
                 (params.meta.logLevel if params.meta is not None else None) if ctx.modern else ctx.log_level
             )
+            if self._can_ask(ctx):
+                features = list(ctx.client_features)
         command = CallTool(
             meta=ctx.meta(),  # its own: the RPC client stamps each command's deadline on its meta
             caller=caller,
@@ -205,6 +225,7 @@ class Exchange:
             arguments=arguments,
             progress_token=token,
             log_level=level,
+            client_features=features,
         )
         ctx.started = (request_id, caller)
         key = (ctx.session_id, p.encode_id(message.id)) if ctx.session_id is not None else None
@@ -212,8 +233,8 @@ class Exchange:
             self._calls[key] = ctx.started
         try:
             call = self.gateway.client.call("mcp_proxy", "call", command, CallOutcomeReply, CALL_TIMEOUT_S)
-            if listener is not None and (token is not None or level is not None):
-                outcome = await self._relayed(request_id, call, listener)
+            if listener is not None and (token is not None or level is not None or features):
+                outcome = await self._relayed(request_id, call, listener, ctx if features else None)
             else:
                 outcome = await call
         except CommandFailed as refused:
@@ -226,11 +247,29 @@ class Exchange:
                 self._calls.pop(key, None)
         return _answer(outcome, server, tool, ctx.modern)
 
+    def _can_ask(self, ctx: Context) -> bool:
+        """Upstream requests reach this client: a handshake-era session that declared some.
+        (The 2026-07-28 era has no server-to-client requests on a call's stream: see
+        docs/mcp-endpoint.md.)"""
+        return (
+            bool(ctx.client_features)
+            and not ctx.modern
+            and ctx.session_id is not None
+            and self.ask_ids is not None
+            and self.answer is not None
+        )
+
     async def _relayed(
-        self, request_id: str, call: Coroutine[Any, Any, CallOutcomeReply], listener: Listener
+        self,
+        request_id: str,
+        call: Coroutine[Any, Any, CallOutcomeReply],
+        listener: Listener,
+        asking: Context | None = None,
     ) -> CallOutcomeReply:
-        """The call's outcome, its notifications handed to `listener` first, in order."""
+        """The call's outcome, its notifications (and, for `asking`, the upstream's requests to
+        the client, under the gateway's ids) handed to `listener` first, in order."""
         assert self.listen is not None
+        listener = _Asking(listener, self, asking, request_id) if asking is not None else listener
         try:
             inbox_cm = self.listen(request_id)
             inbox = await inbox_cm.__aenter__()  # subscribed before the command goes out
@@ -254,6 +293,42 @@ class Exchange:
             if arrived is not None:
                 arrived.cancel()
             await inbox_cm.__aexit__(None, None, None)
+
+    async def response(self, ctx: Context, message: p.Message) -> tuple[int, bytes]:
+        """A client's JSON-RPC response to a request relayed during a call: (202, b"") once the
+        call running upstream has taken it; else an HTTP error with a JSON-RPC error (no id)."""
+        route = None
+        if self.ask_ids is not None and self.answer is not None and ctx.session_id is not None:
+            route = self.ask_ids.open(ctx.principal.user_id, ctx.session_id, message.id)
+        if route is None:
+            shown = p.encode_id(message.id).decode()[:100]
+            return _refused(
+                f"Unknown response id {shown}: this session has no request from the server with it."
+            )
+        answer = ClientAnswer(user_id=ctx.principal.user_id)
+        if message.error and message.result:
+            return _refused("A response has a `result` or an `error`, not both.")
+        if message.error:
+            try:
+                err: p.ResponseError = p.decode_params(message.error, p.ResponseError)
+            except p.ProtocolError:
+                return _refused("A response's `error` needs a `code` and a `message`.")
+            answer.error = AnswerError(code=err.code, message=err.message)
+            if (
+                err.data
+            ):  # else the default instance, which omit_defaults leaves out (an empty Raw is not JSON)
+                answer.error.data = err.data
+        elif memoryview(message.result)[:1] == b"{":
+            answer.result = message.result
+        else:
+            return _refused("A response's `result` must be an object.")
+        assert self.answer is not None
+        receipt = await self.answer(route.request_id, route.seq, msgspec.json.encode(answer))
+        if receipt is None:
+            return _refused("The call waiting for this response did not confirm it in time.", 503)
+        if not receipt.accepted:
+            return _refused(receipt.detail or "The response was not taken.", 409)
+        return 202, b""
 
     async def _list(self, ctx: Context, message: p.Message) -> bytes:
         params: p.ListParams = p.decode_params(message.params, p.ListParams)
@@ -350,6 +425,25 @@ class Exchange:
             raise p.ProtocolError(p.INTERNAL_ERROR, f"The server {ctx.scope!r} sent no result for {method}.")
         result = bytes(outcome.result)
         return p.as_modern_result(result, method in p.LISTINGS) if ctx.modern else result
+
+
+class _Asking:
+    """A listener that shows the upstream's requests to the client under the gateway's ids."""
+
+    def __init__(self, inner: Listener, exchange: Exchange, ctx: Context, request_id: str) -> None:
+        assert exchange.ask_ids is not None and ctx.session_id is not None
+        self.inner, self.ids, self.request_id = inner, exchange.ask_ids, request_id
+        self.user_id, self.session_id = ctx.principal.user_id, ctx.session_id
+
+    async def notice(self, message: bytes) -> None:
+        shown = self.ids.outgoing(message, self.user_id, self.session_id, self.request_id)
+        if shown:
+            await self.inner.notice(shown)
+
+
+def _refused(text: str, status: int = 400) -> tuple[int, bytes]:
+    """A client response that was not taken: an HTTP error whose JSON-RPC error has no id."""
+    return status, p.error(b"null", p.INTERNAL_ERROR if status >= 500 else p.INVALID_REQUEST, text)
 
 
 def _check_name(ctx: Context, value: str, what: str) -> None:

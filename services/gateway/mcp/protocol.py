@@ -156,8 +156,36 @@ class SetLevelParams(msgspec.Struct):
     meta: RequestMeta | None = msgspec.field(default=None, name="_meta")
 
 
+class ClientCapabilities(msgspec.Struct):
+    """What a client declared it answers; values are objects when declared (read loosely)."""
+
+    sampling: Any = None
+    elicitation: Any = None
+
+
 class InitializeParams(msgspec.Struct):
     protocolVersion: str = ""
+    capabilities: ClientCapabilities = msgspec.field(default_factory=ClientCapabilities)
+
+
+def client_features(caps: ClientCapabilities) -> list[str]:
+    """The server-to-client requests this client answers (contracts CLIENT_FEATURES).
+    `elicitation: {}` means form mode only (2025-11-25)."""
+    features = ["sampling"] if isinstance(caps.sampling, dict) else []
+    if isinstance(caps.elicitation, dict):
+        if "form" in caps.elicitation or "url" not in caps.elicitation:
+            features.append("elicitation.form")
+        if "url" in caps.elicitation:
+            features.append("elicitation.url")
+    return features
+
+
+class ResponseError(msgspec.Struct):
+    """The `error` of a JSON-RPC response a client sent."""
+
+    code: int
+    message: str = ""
+    data: msgspec.Raw = ABSENT
 
 
 class CancelParams(msgspec.Struct):

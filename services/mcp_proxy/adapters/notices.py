@@ -5,9 +5,11 @@ sends `CallTool`, and asks for what its MCP client can receive (`progress_token`
 `log_level`). Each message is one JSON-RPC notification, ready to forward:
 
 - `notifications/progress` with the upstream's params, its token replaced by the client's;
-- `notifications/message` (a log line) at the requested level or above.
+- `notifications/message` (a log line) at the requested level or above;
+- a `ClientRequest` (sampling, elicitation) when the caller's client declared that capability
+  (`CallTool.client_features`); its answer comes back on `mcp.answer.…` (adapters/asks.py).
 
-Both are redacted like log lines (registered secret values, API keys) and published in
+All are redacted like log lines (registered secret values, API keys) and published in
 order, before the call's outcome (`flush`): NATS keeps one connection's messages in order,
 so the gateway has every notification by the time the outcome arrives. Nothing else of the
 call (arguments, stderr) is published here.
@@ -20,11 +22,12 @@ from typing import Final
 
 import msgspec
 
-from contracts.commands.mcp import CallTool
+from contracts.commands.mcp import CLIENT_FEATURES, CallTool
 from contracts.subjects import mcp_notices
 from services.kit.bus import Bus
 from services.kit.redaction import redact
-from services.mcp_proxy.application.ports import CallListener
+from services.mcp_proxy.adapters.asks import ClientAsks, needed_feature
+from services.mcp_proxy.application.ports import Asked, CallListener
 
 log = logging.getLogger(__name__)
 
@@ -65,11 +68,20 @@ def log_notification(params: bytes, floor: int) -> bytes | None:
 
 
 class BusListener:
-    def __init__(self, bus: Bus, subject: str, token: bytes | None, floor: int | None) -> None:
-        self.bus, self.subject, self._token, self._floor = bus, subject, token, floor
+    def __init__(
+        self,
+        bus: Bus,
+        call: CallTool,
+        token: bytes | None,
+        floor: int | None,
+        features: frozenset[str] = frozenset(),
+    ) -> None:
+        self.bus, self.subject = bus, mcp_notices(call.request_id)
+        self._token, self._floor, self._features = token, floor, features
         self.wants_progress = token is not None
         self.wants_logs = floor is not None
         self._last: asyncio.Task[None] | None = None
+        self._asks = ClientAsks(bus, call.request_id, call.caller.user_id, self._send) if features else None
 
     def progress(self, params: bytes) -> None:
         if self._token is not None:
@@ -78,6 +90,13 @@ class BusListener:
     def log(self, params: bytes) -> None:
         if self._floor is not None:
             self._send(log_notification(params, self._floor))
+
+    def accepts(self, method: str, params: bytes) -> bool:
+        return self._asks is not None and needed_feature(method, params) in self._features
+
+    async def ask(self, method: str, params: bytes) -> Asked:
+        assert self._asks is not None, "ask only what accepts() allows"
+        return await self._asks.ask(method, params)
 
     def _send(self, message: bytes | None) -> None:
         if message is None:
@@ -94,12 +113,15 @@ class BusListener:
             log.info("could not publish a notification of a tool call: %s", type(err).__name__)
 
     async def flush(self) -> None:
+        if self._asks is not None:
+            await self._asks.end()
         if self._last is not None:
             await asyncio.wait({self._last})
 
 
 class BusNotices:
-    """Makes a listener for each call that asks for notifications (CallTool.progress_token, log_level)."""
+    """Makes a listener for each call that asks for notifications (CallTool.progress_token,
+    log_level) or whose client answers requests (client_features)."""
 
     def __init__(self, bus: Bus) -> None:
         self.bus = bus
@@ -107,6 +129,7 @@ class BusNotices:
     def listener(self, call: CallTool) -> CallListener | None:
         token = None if call.progress_token is None else _encoder.encode(call.progress_token)
         floor = LEVELS.index(call.log_level) if call.log_level in LEVELS else None
-        if (token is None and floor is None) or not _TOKEN.match(call.request_id):
+        features = frozenset(f for f in call.client_features if f in CLIENT_FEATURES)
+        if (token is None and floor is None and not features) or not _TOKEN.match(call.request_id):
             return None
-        return BusListener(self.bus, mcp_notices(call.request_id), token, floor)
+        return BusListener(self.bus, call, token, floor, features)

@@ -17,6 +17,14 @@ the session's logging callback, which cannot tell which request they belong to, 
 goes to every call of this (one user's) session that asked for logs. A 2026-07-28 upstream
 sends logs only to requests that opt in (`io.modelcontextprotocol/logLevel`): such calls do.
 
+Sampling and elicitation: the SDK's callbacks are set, so the session declares both to the
+upstream (the SDK declares elicitation's form and URL modes). A request goes to the oldest
+call in flight on this session whose client declared the capability (the callbacks cannot
+say which call it belongs to; every call of a session is the same user's), through its
+listener (adapters/asks.py); with none, it is answered -32601. Validated into the SDK's
+result type on the way back. A 2026-07-28 upstream's `InputRequiredResult` goes the same way
+(the SDK drives those rounds through the same callbacks).
+
 Forwarded requests (resources, prompts, completions) are validated into the SDK's own
 request type and sent with `send_request`, which stamps what the session's era needs
 (`Mcp-Name` included); the result is returned with every field the upstream sent.
@@ -27,17 +35,23 @@ import contextlib
 import logging
 import random
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx2
 import msgspec
 from mcp import Client
+from mcp.client import ClientRequestContext
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import (
     LOG_LEVEL_META_KEY,
     CompleteRequest,
+    CreateMessageRequestParams,
+    CreateMessageResult,
+    ElicitRequestParams,
+    ElicitResult,
+    ErrorData,
     GetPromptRequest,
     Implementation,
     ListPromptsRequest,
@@ -55,6 +69,7 @@ from pydantic import ConfigDict, ValidationError
 
 from contracts.commands.mcp import Tool, UpstreamFeatures
 from services.kit.tasks import stop_task
+from services.mcp_proxy.adapters.asks import INTERNAL_ERROR
 from services.mcp_proxy.adapters.listing import contract_tools, decode_tool_page
 from services.mcp_proxy.application.ports import (
     CallCanceled,
@@ -72,6 +87,7 @@ from services.mcp_proxy.domain.errors import Invalid
 from services.mcp_proxy.domain.pooling import PoolKey
 
 log = logging.getLogger(__name__)
+_AnswerT = TypeVar("_AnswerT", CreateMessageResult, ElicitResult)
 _CLIENT_INFO = Implementation(name="gatehouse", version="0.1.0")
 
 
@@ -138,7 +154,12 @@ class RemoteSession:
     async def _run(self) -> None:
         try:
             async with Client(
-                self._transport(), cache=None, client_info=_CLIENT_INFO, logging_callback=self._logged
+                self._transport(),
+                cache=None,
+                client_info=_CLIENT_INFO,
+                logging_callback=self._logged,
+                sampling_callback=self._sampling,
+                elicitation_callback=self._elicitation,
             ) as client:
                 self._client = client
                 self.features = _features(client.server_capabilities)
@@ -196,6 +217,41 @@ class RemoteSession:
             for listener in list(self._listeners.values()):
                 if listener.wants_logs:
                     listener.log(raw)
+
+    async def _sampling(
+        self, context: ClientRequestContext, params: CreateMessageRequestParams
+    ) -> CreateMessageResult | ErrorData:
+        return await self._ask(
+            "sampling/createMessage",
+            params.model_dump_json(by_alias=True, exclude_none=True),
+            CreateMessageResult,
+        )
+
+    async def _elicitation(
+        self, context: ClientRequestContext, params: ElicitRequestParams
+    ) -> ElicitResult | ErrorData:
+        return await self._ask(
+            "elicitation/create", params.model_dump_json(by_alias=True, exclude_none=True), ElicitResult
+        )
+
+    async def _ask(self, method: str, params: str, kind: type[_AnswerT]) -> _AnswerT | ErrorData:
+        raw = params.encode()
+        listener = next((lis for lis in list(self._listeners.values()) if lis.accepts(method, raw)), None)
+        if listener is None:
+            return ErrorData(
+                code=METHOD_NOT_FOUND, message=f"Gatehouse does not serve {method} to upstream servers"
+            )
+        asked = await listener.ask(method, raw)
+        if asked.result is None:
+            data = msgspec.json.decode(asked.data) if asked.data else None
+            return ErrorData(code=asked.code, message=asked.message, data=data)
+        try:
+            return kind.model_validate_json(asked.result)
+        except ValidationError as err:
+            return ErrorData(
+                code=INTERNAL_ERROR,
+                message=f"The client's answer to {method} is not valid: {_first_problem(err)}",
+            )
 
     async def call(
         self, tool: str, arguments: bytes, timeout: float, call_id: str, listener: CallListener | None = None

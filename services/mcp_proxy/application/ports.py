@@ -186,12 +186,24 @@ class CallCanceled(UpstreamError):
         super().__init__(message, reached=True)
 
 
+class Asked(msgspec.Struct, frozen=True, kw_only=True):
+    """The MCP client's answer to an upstream's request: its result (raw JSON), or an error."""
+
+    result: bytes | None = None
+    code: int = 0
+    message: str = ""
+    data: bytes | None = None  # the error's `data`, raw
+
+
 class CallListener(Protocol):
-    """Where an upstream's notifications during one call go (adapters/notices.py).
+    """Where an upstream's notifications and requests during one call go (adapters/notices.py).
 
     `progress` takes the upstream's `notifications/progress` params (its token is replaced by
-    the client's), `log` a `notifications/message`'s params; both return at once. `flush`
-    waits until everything handed over has been sent, before the call's outcome is.
+    the client's), `log` a `notifications/message`'s params; both return at once. `accepts`
+    says whether the caller's client can be asked `method` (sampling, elicitation: it declared
+    the capability); `ask` relays such a request and waits for the client's answer (or an
+    error once the call is over). `flush` ends the call's listening: it waits until everything
+    handed over has been sent, before the call's outcome is, and answers what is still asked.
     """
 
     wants_progress: bool
@@ -199,6 +211,8 @@ class CallListener(Protocol):
 
     def progress(self, params: bytes) -> None: ...
     def log(self, params: bytes) -> None: ...
+    def accepts(self, method: str, params: bytes) -> bool: ...
+    async def ask(self, method: str, params: bytes) -> Asked: ...
     async def flush(self) -> None: ...
 
 

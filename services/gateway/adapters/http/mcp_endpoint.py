@@ -13,7 +13,10 @@ A request answers `application/json`, except a `tools/call` from a client that a
 `text/event-stream` during which the upstream sends notifications (progress for the call's
 progress token; log messages for a session that sent `logging/setLevel`, or in the stateless
 era a request that opts in): from the first one on, the answer is an SSE stream of those
-notifications, then the response.
+notifications, then the response. During such a call the upstream's sampling and elicitation
+requests reach a client that declared them in its `initialize` on the same stream, and the
+client POSTs its JSON-RPC response in the session (202; a response id the gateway did not
+make for this session is refused).
 """
 
 import asyncio
@@ -109,14 +112,18 @@ async def _post(
         return await io.reject(send, 404, p.INVALID_REQUEST, _SESSION_NOT_FOUND, id_json)
     ctx = _context(scope, headers, principal, server, modern=False, version=version)
     ctx.session_id = session_id
+    assert session is not None
     if message.is_request:
         answer_to = _answer_to(send, headers, message, ctx)
-        ctx.log_level = session.log_level if session is not None else None  # set by logging/setLevel
+        ctx.log_level = session.log_level  # set by logging/setLevel
+        ctx.client_features = tuple(session.client_features)  # declared in its initialize
         status, answer = await face.exchange.request(ctx, message)
         return await answer_to.finish(status, answer)
     if message.is_notification:
         await face.exchange.notification(ctx, message)
-    await io.respond(send, 202)  # notifications and responses: accepted, no body
+        return await io.respond(send, 202)  # accepted, no body
+    status, answer = await face.exchange.response(ctx, message)  # to a relayed sampling/elicitation
+    await io.respond(send, status, answer)
 
 
 async def _stateless(
@@ -190,7 +197,11 @@ async def _initialize(
         return await io.reject(send, status, err.code, err.message, id_json)
     version = p.negotiate(params.protocolVersion)
     session = McpSession(
-        user_id=principal.user_id, key_id=principal.key_id, protocol_version=version, server=server
+        user_id=principal.user_id,
+        key_id=principal.key_id,
+        protocol_version=version,
+        server=server,
+        client_features=p.client_features(params.capabilities),
     )
     session_id = await face.sessions.create(session)
     answer = p.result(id_json, p.initialize_result(version, server, features))

@@ -6,7 +6,9 @@ with `/messages?session_id=<id>`. Each POST there is answered `202 Accepted`; it
 response arrives as a `message` event on the stream. The stream is held by one replica; a
 POST that lands on another is answered there and relayed over NATS (`mcp.sse.<id>`). The
 progress and log notifications of a tool call go the same way, as `message` events before
-its response.
+its response, and so do the upstream's sampling and elicitation requests when the client's
+`initialize` declared them; the client POSTs its response to `/messages` (202, or an error
+for an id the gateway did not make for this session).
 
 A POST may carry the key again; if it does not (clients that put `?api_key=` on the SSE
 URL cannot), the unguessable session id stands in for it, and the key that opened the
@@ -145,7 +147,11 @@ async def sse_message(scope: Scope, receive: Receive, send: Send) -> None:
         user_agent=user_agent.decode("latin-1") if user_agent is not None else None,
         listener=_OnTheStream(face, session_id),
         log_level=session.log_level,  # set by logging/setLevel
+        client_features=tuple(session.client_features),  # declared in its initialize
     )
+    if not message.is_request and not message.is_notification:  # a response to a relayed request
+        status, answer = await face.exchange.response(ctx, message)
+        return await io.respond(send, status, answer)
     await io.respond(send, 202)
     if message.is_request:
         face.spawn(_answer(face, ctx, message))
@@ -161,6 +167,7 @@ async def _answer(face: McpFace, ctx: Context, message: p.Message) -> None:
         except p.ProtocolError as err:
             answer = p.error(p.encode_id(message.id), err.code, err.message)
         else:
+            await face.sessions.set_client_features(ctx.session_id, p.client_features(params.capabilities))
             answer = p.result(
                 p.encode_id(message.id), p.initialize_result(p.negotiate(params.protocolVersion))
             )

@@ -62,9 +62,11 @@ class JsonRpcPeer:
         on_fatal: Callable[[str], None],
         on_notification: Callable[[str, bytes], None] = lambda method, params: None,
         label: str = "upstream",
+        on_request: Callable[[int | str, str, bytes], bool] = lambda rid, method, params: False,
     ) -> None:
         self._write, self.max_line = write, max_line
         self._on_fatal, self._on_notification = on_fatal, on_notification
+        self._on_request = on_request  # True: taken, answered later with respond()/respond_error()
         self.label = label
         self._next_id = 0
         self._pending: dict[int, asyncio.Future[msgspec.Raw]] = {}
@@ -172,7 +174,8 @@ class JsonRpcPeer:
             return
         if msg.method is not None:
             if msg.id is not None:
-                self._answer_request(msg.id, msg.method)
+                if not self._on_request(msg.id, msg.method, msg.params):
+                    self._answer_request(msg.id, msg.method)
             else:
                 self._on_notification(msg.method, msg.params)
             return
@@ -201,8 +204,20 @@ class JsonRpcPeer:
             self.close(f"The {self.label} keeps writing lines that are not JSON-RPC on stdout.")
             self._on_fatal("protocol")
 
+    def respond(self, rid: int | str, result: bytes) -> None:
+        """Answers a request of the upstream's (one line of raw JSON as `result`)."""
+        if self.closed is None:
+            self._write(b'{"jsonrpc":"2.0","id":' + _encoder.encode(rid) + b',"result":' + result + b"}\n")
+
+    def respond_error(self, rid: int | str, code: int, message: str, data: bytes | None = None) -> None:
+        if self.closed is None:
+            error = b'{"code":%d,"message":' % code + _encoder.encode(message)
+            error += (b',"data":' + data if data else b"") + b"}"
+            self._write(b'{"jsonrpc":"2.0","id":' + _encoder.encode(rid) + b',"error":' + error + b"}\n")
+
     def _answer_request(self, rid: int | str, method: str) -> None:
-        """Requests from the upstream (sampling, roots, elicitation): only ping is served."""
+        """Requests from the upstream that nobody takes (roots; sampling or elicitation when the
+        caller's client did not declare it): only ping is served, the rest is -32601."""
         ident = _encoder.encode(rid)
         if method == "ping":
             self._write(b'{"jsonrpc":"2.0","id":' + ident + b',"result":{}}\n')

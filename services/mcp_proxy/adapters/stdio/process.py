@@ -32,11 +32,12 @@ from typing import cast
 import msgspec
 import psutil
 
-from contracts.commands.mcp import Tool, UpstreamFeatures
+from contracts.commands.mcp import CLIENT_REQUESTS, Tool, UpstreamFeatures
 from services.mcp_proxy.adapters.listing import contract_tools, decode_tool_page
 from services.mcp_proxy.adapters.stdio.jsonrpc import JsonRpcPeer, RpcError
 from services.mcp_proxy.adapters.stdio.launch import StderrLog, limit_resources, user_home
 from services.mcp_proxy.application.ports import (
+    Asked,
     CallListener,
     Reply,
     Target,
@@ -50,10 +51,12 @@ from services.mcp_proxy.domain.requests import features_of
 log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
 PROTOCOL_VERSION = "2025-11-25"
+# Sampling and elicitation (both modes) are relayed to the caller's MCP client when it declared
+# them (adapters/asks.py); when it did not, such a request is answered -32601 during the call.
 _INITIALIZE = _encoder.encode(
     {
         "protocolVersion": PROTOCOL_VERSION,
-        "capabilities": {},
+        "capabilities": {"sampling": {}, "elicitation": {"form": {}, "url": {}}},
         "clientInfo": {"name": "gatehouse", "version": "0.1.0"},
     }
 )
@@ -127,7 +130,9 @@ class StdioProcess(asyncio.SubprocessProtocol):
             self._fatal,
             self._notified,
             label=f"upstream '{target.server}'",
+            on_request=self._requested,
         )
+        self._relaying: set[asyncio.Task[None]] = set()  # upstream requests out to a client
         logs = settings.data_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         name = f"{target.server}-{hashlib.sha256(target.user_id.encode()).hexdigest()[:8]}-{id(self):x}.log"
@@ -305,6 +310,36 @@ class StdioProcess(asyncio.SubprocessProtocol):
             for listener in self._listeners.values():
                 if listener.wants_logs:
                     listener.log(params)
+
+    def _requested(self, rid: int | str, method: str, params: bytes) -> bool:
+        """Sampling or elicitation during a call whose client declared it: relayed to that client.
+
+        stdio cannot say which call a request belongs to: it goes to the oldest call in flight
+        whose client accepts it (every call of this process is the same user's).
+        """
+        if method not in CLIENT_REQUESTS or memoryview(params)[:1] != b"{":
+            return False
+        listener = next((lis for lis in self._listeners.values() if lis.accepts(method, params)), None)
+        if listener is None:
+            return False
+        task = asyncio.get_running_loop().create_task(self._relay(rid, method, params, listener))
+        self._relaying.add(task)
+        task.add_done_callback(self._relaying.discard)
+        return True
+
+    async def _relay(self, rid: int | str, method: str, params: bytes, listener: CallListener) -> None:
+        try:
+            asked = await listener.ask(method, params)
+        except Exception as err:  # the bus failed: the upstream still gets an answer
+            log.info("could not relay %s to the client: %s", method, type(err).__name__)
+            asked = Asked(code=-32603, message="The request could not be relayed to the client.")
+        try:
+            if asked.result is not None:
+                self.peer.respond(rid, one_line(asked.result))
+            else:
+                self.peer.respond_error(rid, asked.code, asked.message, asked.data and one_line(asked.data))
+        except UpstreamFailed:
+            pass  # the process is gone: nobody waits for the answer
 
     def _write(self, line: bytes) -> None:
         stdin = self._stdin
