@@ -3,7 +3,8 @@
 Serving side (`serve_stored_events`, one line in each service with an outbox relay): the
 events the relay would publish, translated by the same code (`envelope_for` + the service's
 translator), limited to those recorded before the service's oldest event still on the stream
-(or, when the stream holds none of its events, up to the relay's own bookmark).
+(or, when the stream holds none of its events, up to the last one its relay published: the
+relay's bookmark, or the running relay's own position when that is newer).
 
 Asking side (`StoredHistory`): every service is asked; the answers are merged into one
 order: each service's events stay in notification order, and services are interleaved by
@@ -36,7 +37,9 @@ def serve_stored_events(server: CommandServer, relay: OutboxRelay) -> None:
     async def handle(c: ReadStoredEvents) -> StoredEventsPage:
         bound = await _oldest_on_stream(relay)
         if bound is None:
-            bound = await asyncio.to_thread(relay._recorded_position) + 1
+            # The bookmark is written at most once a second (and when the relay falls idle):
+            # what this instance's relay confirmed since then is published too, and lost.
+            bound = max(await asyncio.to_thread(relay._recorded_position), relay._position) + 1
         return await asyncio.to_thread(_page, relay, c.after, max(1, min(c.limit, 1000)), bound)
 
     server.route(VERB, ReadStoredEvents, handle)

@@ -6,6 +6,7 @@ test's event loop. Digests are compared, never timings.
 """
 
 import asyncio
+import itertools
 import signal
 import subprocess
 import uuid
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from nats.js.errors import NotFoundError
 
 from contracts.commands import audit as cmd
+from contracts.commands import secrets as secrets_cmd
 from contracts.commands.identity import CreateUser, IssueKey, KeyIssued, UserCreated
 from contracts.envelope import Actor, Envelope, encode_envelope, payload_bytes
 from contracts.events.identity import ApiKeyUsed
@@ -26,6 +29,7 @@ from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.rpc import CommandClient
+from services.secrets.bootstrap import build as secrets_build
 from tests.helpers import (
     OPERATOR,
     eventually,
@@ -33,8 +37,10 @@ from tests.helpers import (
     spawn_service,
     stop_process,
     stream_envelopes,
+    stream_messages,
     wait_ready,
 )
+from tests.integration.secrets_world import secrets_settings
 
 pytestmark = pytest.mark.integration
 
@@ -230,6 +236,127 @@ async def test_events_dropped_by_retention_are_restored_from_the_stores(platform
 
     # Without the stores the trail would be short: what the stream alone holds.
     assert first.after.entries == live.entries > state.messages
+
+
+@pytest.fixture
+async def two_stores(service_env: dict[str, str], tmp_path: Path) -> AsyncIterator[CommandClient]:
+    """identity and secrets (each with its store and outbox relay) and audit, in-process."""
+    settings, _ = secrets_settings(service_env, tmp_path)
+    async with (
+        running(identity_build, settings, "identity") as identity_bus,
+        running(secrets_build, settings, "secrets"),
+        running(audit_build, settings, "audit"),
+    ):
+        yield CommandClient(identity_bus)
+
+
+async def on_stream(bus: Bus, subject: str, marker: str) -> None:
+    """Waits until the newest message on `subject` names `marker`: the relay published it."""
+
+    async def published() -> bool:
+        try:
+            msg = await bus.js.get_last_msg(STREAM, subject)
+        except NotFoundError:
+            return False
+        return marker.encode() in (msg.data or b"")
+
+    await eventually(published, timeout=30)
+
+
+async def audit_rows(database_url: str) -> list[tuple[object, ...]]:
+    """The whole trail in stream order: where each event sits, in which chain, with its hash."""
+    async with await psycopg.AsyncConnection.connect(database_url) as conn:
+        cur = await conn.execute(
+            "SELECT stream_seq, id, org_id, seq, action, hash FROM audit.entries ORDER BY stream_seq"
+        )
+        return list(await cur.fetchall())
+
+
+async def test_events_dropped_from_two_services_are_merged_back_in_stream_order(
+    two_stores: CommandClient, database_url: str
+) -> None:
+    """The dropped prefix holds identity's and secrets' events, interleaved: the rebuilt trail
+    must hold them where the stream had them, in the same chains, with the same hashes."""
+    client, bus = two_stores, two_stores.bus
+    # Each command's events reach the stream before the other service acts: the stream's
+    # interleaving is then the order things happened in (docs/replay.md states the limit).
+    for i in range(6):
+        org = f"merge-{i % 2}"
+        request = CreateUser(meta=OPERATOR, email=f"m{i}@merge.test", org=org)
+        user = await client.call("identity", "create_user", request, UserCreated)
+        await on_stream(bus, "events.identity.api_key_issued", user.key_id)
+        put = secrets_cmd.PutSecret(
+            meta=OPERATOR, org_id=user.org_id, user_id=user.user_id, name=f"token-{i}", value=f"v-{i}"
+        )
+        await client.call("secrets", "put", put, secrets_cmd.SecretView)
+        await on_stream(bus, "events.secrets.secret_stored", f"token-{i}")
+        issue = IssueKey(meta=OPERATOR, user_id=user.user_id, name=f"second-{i}")
+        key = await client.call("identity", "issue_key", issue, KeyIssued)
+        await on_stream(bus, "events.identity.api_key_issued", key.id)
+        org_put = secrets_cmd.PutSecret(
+            meta=OPERATOR,
+            org_id=user.org_id,
+            user_id=user.user_id,
+            scope="org",
+            name=f"shared-{i}",
+            value="s",
+        )
+        await client.call("secrets", "put", org_put, secrets_cmd.SecretView)
+        await on_stream(bus, "events.secrets.secret_stored", f"shared-{i}")
+    await settled(client, bus)
+    live = await digest(client, verify=True)
+    assert live.broken_detail is None and live.entries == live.stream_seq
+    live_rows = await audit_rows(database_url)
+
+    dropped = live.stream_seq // 2
+    services = [m.subject.split(".")[1] for m in await stream_messages(bus) if m.seq <= dropped]
+    assert len(services) == dropped and set(services) == {"identity", "secrets"}
+    switches = sum(a != b for a, b in itertools.pairwise(services))
+    assert switches >= 6  # interleaved, not one service's block after the other's
+    await bus.js.purge_stream(STREAM, seq=dropped + 1)
+    state = (await bus.js.stream_info(STREAM)).state
+    assert state.first_seq == dropped + 1 and state.messages == live.stream_seq - dropped
+
+    for _ in range(2):
+        rebuilt = await rebuild(client)
+        assert rebuilt.restored == dropped and rebuilt.restored_from == ["identity", "secrets"]
+        assert rebuilt.before.digest == rebuilt.after.digest == live.digest
+        assert rebuilt.after.entries == live.entries > state.messages
+        assert await audit_rows(database_url) == live_rows  # each entry at its stream seq, in its chain
+        assert (await digest(client, verify=True)).broken_detail is None
+
+
+async def test_a_service_the_stream_kept_nothing_of_is_restored_up_to_what_its_relay_published(
+    two_stores: CommandClient, database_url: str
+) -> None:
+    """With none of its events left on the stream, a service answers up to its relay's position,
+    not only up to its bookmark, which is written at most once a second and may not hold the
+    newest published event yet (the rebuild here comes well within that second)."""
+    client, bus = two_stores, two_stores.bus
+    create = CreateUser(meta=OPERATOR, email="solo@merge.test", org="solo")
+    user = await client.call("identity", "create_user", create, UserCreated)
+    await on_stream(bus, "events.identity.api_key_issued", user.key_id)
+    put = secrets_cmd.PutSecret(
+        meta=OPERATOR, org_id=user.org_id, user_id=user.user_id, name="last", value="v"
+    )
+    await client.call("secrets", "put", put, secrets_cmd.SecretView)
+    await on_stream(bus, "events.secrets.secret_stored", "last")
+    dropped = (await bus.js.stream_info(STREAM)).state.last_seq
+    issue = IssueKey(meta=OPERATOR, user_id=user.user_id, name="after")
+    key = await client.call("identity", "issue_key", issue, KeyIssued)
+    await on_stream(bus, "events.identity.api_key_issued", key.id)
+    await eventually(lambda: caught_up(client, bus), timeout=SETTLE, step=0.01)
+    live = await digest(client, verify=True)
+    assert live.broken_detail is None and live.stream_seq == dropped + 1
+    live_rows = await audit_rows(database_url)
+
+    await bus.js.purge_stream(STREAM, seq=dropped + 1)
+    with pytest.raises(NotFoundError):
+        await bus.js.get_last_msg(STREAM, "events.secrets.>")  # the stream kept none of secrets'
+    rebuilt = await rebuild(client)
+    assert rebuilt.restored == dropped and rebuilt.restored_from == ["identity", "secrets"]
+    assert rebuilt.after.digest == live.digest
+    assert await audit_rows(database_url) == live_rows
 
 
 async def test_a_replay_prepared_in_worker_processes_equals_the_live_trail(
