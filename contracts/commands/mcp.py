@@ -86,11 +86,22 @@ class TestServer(msgspec.Struct, kw_only=True):
     name: str
 
 
+# A raw-JSON field that is absent: the default of optional `msgspec.Raw` fields below. (Not
+# `Raw | None`: msgspec decodes only `null` into that union, so a present object could not be
+# read back with the contract type.)
+ABSENT: Final = msgspec.Raw(b"")
+
+
+def present(raw: msgspec.Raw) -> bool:
+    """Whether an optional raw-JSON field holds a value (neither absent nor `null`)."""
+    return bool(raw) and raw != msgspec.Raw(b"null")
+
+
 class Tool(msgspec.Struct, kw_only=True, omit_defaults=True):
     name: str
     description: str | None = None
     inputSchema: msgspec.Raw = msgspec.Raw(b'{"type":"object"}')  # MCP's own field name
-    annotations: msgspec.Raw | None = None
+    annotations: msgspec.Raw = ABSENT
     title: str | None = None
 
 
@@ -195,7 +206,7 @@ class CallOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     server: str
     tool_name: str
     status: CallStatus
-    result: msgspec.Raw | None = None  # the upstream's CallToolResult, as sent
+    result: msgspec.Raw = ABSENT  # the upstream's CallToolResult, as sent
     error: str | None = None
     error_code: int | None = None  # JSON-RPC error code for MCP clients
     duration_ms: float = 0.0
@@ -234,13 +245,13 @@ class RpcError(msgspec.Struct, kw_only=True, omit_defaults=True):
 
     code: int
     message: str
-    data: msgspec.Raw | None = None  # the upstream's `data`, as sent
+    data: msgspec.Raw = ABSENT  # the upstream's `data`, as sent
 
 
 class ForwardOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     """Exactly one of `result` (the upstream's, as sent) and `error`."""
 
-    result: msgspec.Raw | None = None
+    result: msgspec.Raw = ABSENT
     error: RpcError | None = None
 
 

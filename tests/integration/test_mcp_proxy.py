@@ -81,19 +81,6 @@ def no_orphans() -> Iterator[None]:
     assert not leftover, f"upstream processes survived the test: {leftover}"
 
 
-class Outcome(msgspec.Struct, kw_only=True):
-    """CallOutcome's JSON, read with a type msgspec can decode (`Raw | None` only decodes null)."""
-
-    request_id: str
-    server: str
-    tool_name: str
-    status: str
-    result: msgspec.Raw = msgspec.Raw(b"")
-    error: str | None = None
-    error_code: int | None = None
-    duration_ms: float = 0.0
-
-
 class Proxy:
     def __init__(self, bus: Bus, secrets: dict[tuple[str, str], str]) -> None:
         self.bus, self.client, self.secrets = bus, CommandClient(bus), secrets
@@ -116,7 +103,7 @@ class Proxy:
         raw: bytes | None = None,
         progress_token: str | int | None = None,
         log_level: str | None = None,
-    ) -> Outcome:
+    ) -> cmd.CallOutcome:
         request = cmd.CallTool(
             meta=meta(who.user_id),
             caller=who,
@@ -128,7 +115,7 @@ class Proxy:
             progress_token=progress_token,
             log_level=log_level,
         )
-        return await self.client.call("mcp_proxy", "call", request, Outcome, timeout=30)
+        return await self.client.call("mcp_proxy", "call", request, cmd.CallOutcome, timeout=30)
 
     async def value(self, who: cmd.Caller, tool: str, arguments: Any = None, server: str = "echo") -> Any:
         outcome = await self.call(who, tool, arguments, server)

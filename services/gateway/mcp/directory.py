@@ -6,16 +6,16 @@ route from each exposed name back to (server, upstream tool name).
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 import msgspec
 
 from contracts.commands.common import CommandMeta
-from contracts.commands.mcp import Caller, ListTools, UpstreamFeatures
+from contracts.commands.mcp import Caller, ListTools, ToolCatalog, UpstreamFeatures, present
 from services.gateway.mcp import naming
 from services.gateway.mcp.protocol import INVALID_PARAMS, ProtocolError
-from services.gateway.mcp.replies import ToolCatalogReply, present
 from services.kit.rpc import CommandClient
 
 CATALOG_TTL_S: Final = 5.0
@@ -43,7 +43,7 @@ class Catalog:
 _encoder = msgspec.json.Encoder()
 
 
-def build_catalog(reply: ToolCatalogReply, scope: str | None, now: float) -> Catalog:
+def build_catalog(reply: ToolCatalog, scope: str | None, now: float) -> Catalog:
     """`scope` None: every server, names prefixed; a server name: that server, names as they are."""
     catalog = Catalog(fetched_at=now)
     for entry in sorted(reply.servers, key=lambda s: s.server):
@@ -90,7 +90,7 @@ class ToolDirectory:
     async def _fetch(self, key: tuple[str, str | None], request: ListTools) -> Catalog:
         try:
             reply = await self.client.call(
-                "mcp_proxy", "list_tools", request, ToolCatalogReply, timeout=LIST_TIMEOUT_S
+                "mcp_proxy", "list_tools", request, ToolCatalog, timeout=LIST_TIMEOUT_S
             )
         finally:
             del self._pending[key]
@@ -125,5 +125,9 @@ class ToolDirectory:
 
     def forget(self, user_id: str) -> None:
         """Drops a user's cached catalogs (after they registered or removed a server)."""
-        for key in [k for k in self._cache if k[0] == user_id]:
+        self.forget_where(lambda cached_for: cached_for == user_id)
+
+    def forget_where(self, stale: Callable[[str], bool]) -> None:
+        """Drops the cached catalogs of every user for whom `stale(user_id)` holds."""
+        for key in [k for k in self._cache if stale(k[0])]:
             del self._cache[key]

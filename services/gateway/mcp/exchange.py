@@ -45,11 +45,14 @@ from contracts.commands.mcp import (
     AnswerError,
     AnswerReceipt,
     Caller,
+    CallOutcome,
     CallTool,
     CancelCall,
     ClientAnswer,
+    ForwardOutcome,
     ForwardRequest,
     UpstreamFeatures,
+    present,
 )
 from services.gateway.application import Gateway
 from services.gateway.domain import Principal
@@ -57,7 +60,6 @@ from services.gateway.mcp import naming
 from services.gateway.mcp import protocol as p
 from services.gateway.mcp.asks import AskIds
 from services.gateway.mcp.directory import ToolDirectory
-from services.gateway.mcp.replies import CallOutcomeReply, ForwardOutcomeReply, present
 from services.kit.rpc import CommandFailed
 
 PAGE_SIZE: Final = 100
@@ -232,7 +234,7 @@ class Exchange:
         if key is not None:
             self._calls[key] = ctx.started
         try:
-            call = self.gateway.client.call("mcp_proxy", "call", command, CallOutcomeReply, CALL_TIMEOUT_S)
+            call = self.gateway.client.call("mcp_proxy", "call", command, CallOutcome, CALL_TIMEOUT_S)
             if listener is not None and (token is not None or level is not None or features):
                 outcome = await self._relayed(request_id, call, listener, ctx if features else None)
             else:
@@ -262,10 +264,10 @@ class Exchange:
     async def _relayed(
         self,
         request_id: str,
-        call: Coroutine[Any, Any, CallOutcomeReply],
+        call: Coroutine[Any, Any, CallOutcome],
         listener: Listener,
         asking: Context | None = None,
-    ) -> CallOutcomeReply:
+    ) -> CallOutcome:
         """The call's outcome, its notifications (and, for `asking`, the upstream's requests to
         the client, under the gateway's ids) handed to `listener` first, in order."""
         assert self.listen is not None
@@ -414,7 +416,7 @@ class Exchange:
         )
         try:
             outcome = await self.gateway.client.call(
-                "mcp_proxy", "request", command, ForwardOutcomeReply, CALL_TIMEOUT_S
+                "mcp_proxy", "request", command, ForwardOutcome, CALL_TIMEOUT_S
             )
         except CommandFailed as refused:
             raise _protocol_error(refused.problem) from None
@@ -471,7 +473,7 @@ def _check_envelope(ctx: Context, meta: p.RequestMeta | None) -> None:
         )
 
 
-def _answer(outcome: CallOutcomeReply, server: str, tool: str, modern: bool) -> bytes:
+def _answer(outcome: CallOutcome, server: str, tool: str, modern: bool) -> bytes:
     if present(outcome.result) and outcome.status != "timeout":
         return p.as_modern_result(bytes(outcome.result)) if modern else outcome.result  # type: ignore[return-value]
     if outcome.status == "timeout":

@@ -1,27 +1,13 @@
-"""Decoding an upstream's tools/list result into the contract's `Tool`.
-
-The contract's `Tool.annotations` is `msgspec.Raw | None`, a type msgspec encodes but can
-only decode from `null`; upstream listings are therefore decoded with this struct (an
-absent field is an empty Raw) and converted.
-"""
+"""Decoding an upstream's tools/list result into the contract's `Tool` (fields the contract
+does not carry, such as `outputSchema` or `icons`, are dropped)."""
 
 import msgspec
 
-from contracts.commands.mcp import Tool
-
-_ABSENT = msgspec.Raw(b"")
-
-
-class _UpstreamTool(msgspec.Struct):
-    name: str
-    description: str | None = None
-    inputSchema: msgspec.Raw = msgspec.Raw(b'{"type":"object"}')
-    annotations: msgspec.Raw = _ABSENT
-    title: str | None = None
+from contracts.commands.mcp import ABSENT, Tool
 
 
 class ToolPage(msgspec.Struct):
-    tools: list[_UpstreamTool] = msgspec.field(default_factory=list)
+    tools: list[Tool] = msgspec.field(default_factory=list)
     nextCursor: str | None = None
 
 
@@ -29,13 +15,8 @@ decode_tool_page = msgspec.json.Decoder(ToolPage).decode
 
 
 def contract_tools(page: ToolPage) -> list[Tool]:
+    """The page's tools; `"annotations": null` is kept as absent."""
     return [
-        Tool(
-            name=t.name,
-            description=t.description,
-            inputSchema=t.inputSchema,
-            annotations=t.annotations if t.annotations and bytes(t.annotations) != b"null" else None,
-            title=t.title,
-        )
+        t if bytes(t.annotations) != b"null" else msgspec.structs.replace(t, annotations=ABSENT)
         for t in page.tools
     ]

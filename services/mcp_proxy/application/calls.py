@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from contracts.commands.mcp import Caller, CallOutcome, CallStatus, CallTool, CancelCall
+from contracts.commands.mcp import ABSENT, Caller, CallOutcome, CallStatus, CallTool, CancelCall
 from services.kit.rpc import CommandFailed, refuse
 from services.mcp_proxy.application.ports import (
     NoNotices,
@@ -271,7 +271,7 @@ class _Call:
         status: CallStatus,
         error: str | None,
         code: int | None,
-        result: msgspec.Raw | None = None,
+        result: msgspec.Raw = ABSENT,
         result_bytes: int = 0,
     ) -> CallOutcome:
         c = self.c

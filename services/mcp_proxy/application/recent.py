@@ -49,7 +49,7 @@ class Recent:
         item = self._items.get(key)
         if item is None:
             return
-        size = len(outcome.result) if outcome.result is not None else 0
+        size = len(outcome.result)
         self._items[key] = (item[0], item[1], size)
         self._bytes += size
         self._trim()

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 import msgspec
 
-from contracts.commands.mcp import ForwardOutcome, ForwardRequest, RpcError
+from contracts.commands.mcp import ABSENT, ForwardOutcome, ForwardRequest, RpcError
 from services.kit.rpc import refuse
 from services.mcp_proxy.application.calls import Calls
 from services.mcp_proxy.application.ports import Reply, ServerStatus, UpstreamError
@@ -30,7 +30,7 @@ _WHITESPACE = b" \t\r\n"
 
 def _failed(code: int, message: str, data: bytes | None = None) -> ForwardOutcome:
     return ForwardOutcome(
-        error=RpcError(code=code, message=message, data=msgspec.Raw(data) if data else None)
+        error=RpcError(code=code, message=message, data=msgspec.Raw(data) if data else ABSENT)
     )
 
 

@@ -33,7 +33,6 @@ from services.gateway.adapters.http.mcp_schemas import (
     Value,
 )
 from services.gateway.mcp.exchange import CALL_TIMEOUT_S, caller_of
-from services.gateway.mcp.replies import CallOutcomeReply, ToolCatalogReply, present
 
 SERVICE = "mcp_proxy"
 LONG_TIMEOUT_S = 60.0  # registering or probing a server may start it
@@ -152,7 +151,7 @@ class McpController(Controller):
     async def tools(self, request: Request[Any, Any, Any], server: str) -> list[ToolInfo]:
         command = cmd.ListTools(meta=meta(request), caller=_caller(request), server=server)
         catalog = await gateway_of(request).client.call(
-            SERVICE, "list_tools", command, ToolCatalogReply, LONG_TIMEOUT_S
+            SERVICE, "list_tools", command, cmd.ToolCatalog, LONG_TIMEOUT_S
         )
         entry = next((s for s in catalog.servers if s.server == server), None)
         if entry is None:
@@ -180,14 +179,14 @@ class McpController(Controller):
             arguments=msgspec.Raw(msgspec.json.encode(data.arguments)),
         )
         outcome = await gateway_of(request).client.call(
-            SERVICE, "call", command, CallOutcomeReply, CALL_TIMEOUT_S
+            SERVICE, "call", command, cmd.CallOutcome, CALL_TIMEOUT_S
         )
         return Execution(
             request_id=outcome.request_id,
             server=outcome.server,
             tool_name=outcome.tool_name,
             status=outcome.status,
-            result=outcome.result if present(outcome.result) else None,
+            result=outcome.result if cmd.present(outcome.result) else None,
             error=outcome.error,
             duration_ms=outcome.duration_ms,
             timestamp=outcome.timestamp,
