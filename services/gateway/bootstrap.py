@@ -1,6 +1,7 @@
 """Composition root of the gateway: bus, identity view, Litestar app, uvicorn."""
 
 import logging
+import socket
 import sys
 
 import uvicorn
@@ -26,6 +27,19 @@ async def assemble(settings: Settings, bus: Bus) -> tuple[Litestar, IdentityFeed
     return create_app(gateway, feed, settings.max_body_bytes), feed
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn, which at shutdown waits for every open response: the MCP event streams (which
+    would stay open forever) are ended first."""
+
+    def __init__(self, config: uvicorn.Config, app: Litestar) -> None:
+        super().__init__(config)
+        self.app = app
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.app.state.mcp.stop()
+        await super().shutdown(sockets)
+
+
 async def serve(settings: Settings) -> None:
     configure_logging("gateway", settings.log_level)
     configure_tracing("gateway", settings.trace_export)
@@ -45,7 +59,7 @@ async def serve(settings: Settings) -> None:
     )
     log.info("gateway listening on http://%s:%d", settings.http_host, settings.http_port)
     try:
-        await uvicorn.Server(config).serve()
+        await GatewayServer(config, app).serve()
     finally:
         await app.state.auth_failures.stop()
         await feed.stop()

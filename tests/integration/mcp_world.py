@@ -23,7 +23,7 @@ from contracts.commands.common import CommandMeta
 from contracts.commands.identity import CreateUser, UserCreated
 from contracts.commands.mcp import Caller
 from contracts.envelope import Actor
-from services.gateway.bootstrap import assemble
+from services.gateway.bootstrap import GatewayServer, assemble
 from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus, connect, ensure_stream
 from services.kit.config import Settings, load_settings
@@ -88,7 +88,7 @@ async def served(app: Litestar) -> AsyncIterator[str]:
     config = uvicorn.Config(
         app, host="127.0.0.1", port=0, http="httptools", lifespan="off", log_config=None, access_log=False
     )
-    server = uvicorn.Server(config)
+    server = GatewayServer(config, app)  # ends the MCP event streams at shutdown
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     await eventually(lambda: asyncio.sleep(0, server.started), timeout=10)

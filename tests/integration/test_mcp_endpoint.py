@@ -410,7 +410,7 @@ async def test_stateless_discover_list_and_call(world: World) -> None:
     assert discover.status_code == 200 and "mcp-session-id" not in discover.headers
     result = discover.json()["result"]
     assert MODERN in result["supportedVersions"] and "2025-11-25" in result["supportedVersions"]
-    assert result["capabilities"]["tools"] == {"listChanged": True}
+    assert result["capabilities"]["tools"] == {}  # no subscriptions/listen: no listChanged claimed
     assert result["resultType"] == "complete" and result["ttlMs"] == 0 and result["cacheScope"] == "private"
     assert result["_meta"]["io.modelcontextprotocol/serverInfo"]["name"] == "gatehouse"
     listed = await world.http[0].post(

@@ -105,7 +105,9 @@ def test_one_servers_endpoint_declares_what_its_upstream_offers() -> None:
     # no subscribe, no listChanged: their notifications are not relayed
     assert declared == {**plain, "resources": {}, "prompts": {}, "completions": {}}
     only_prompts = json.loads(p.discover_result("github", UpstreamFeatures(prompts=True)))["capabilities"]
-    assert only_prompts == {**plain, "prompts": {}}
+    # server/discover is the stateless era's: no subscriptions/listen, so no listChanged there
+    assert only_prompts == {"tools": {}, "logging": {}, "prompts": {}}
+    assert json.loads(p.DISCOVER_RESULT)["capabilities"] == {"tools": {}, "logging": {}}
     assert set(p.FORWARDED_PARAMS) == set(FORWARDED_METHODS)
 
 

@@ -7,12 +7,15 @@ import re
 from collections.abc import Coroutine, Mapping
 from typing import Any, Final
 
+from services.gateway.adapters.catalog_feed import CatalogFeed
+from services.gateway.adapters.mcp_listeners import Listeners, max_streams_from_env
 from services.gateway.adapters.mcp_relay import Relay
 from services.gateway.adapters.mcp_sessions import SessionStore
 from services.gateway.application import Gateway
 from services.gateway.mcp.asks import AskIds
 from services.gateway.mcp.directory import ToolDirectory
 from services.gateway.mcp.exchange import CancelNotice, Exchange
+from services.gateway.mcp.listening import CatalogChange
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class McpFace:
         self.directory = ToolDirectory(gateway.client)
         self.sessions = SessionStore(gateway.bus)
         self.relay = Relay(gateway.bus)
+        self.listeners = Listeners(gateway.bus, max_streams_from_env())
+        self.catalog_feed = CatalogFeed(gateway.bus, self._catalog_changed)
         self.exchange = Exchange(
             gateway,
             self.directory,
@@ -75,7 +80,29 @@ class McpFace:
             if not self._started:
                 await self.sessions.start()
                 await self.relay.start(self._cancel_from_elsewhere)
+                await self.listeners.start()
+                await self.catalog_feed.start()
                 self._started = True
+
+    def _catalog_changed(self, change: CatalogChange) -> None:
+        """A server was registered or removed (through any replica): the cached catalogs it
+        touches go first, so a client told to list again gets the new list from this replica."""
+        if change.scope == "user" and change.owner_user_id is not None:
+            self.directory.forget(change.owner_user_id)
+        elif change.scope == "org" and change.org_id is not None:
+            users = self.gateway.view.users
+
+            def in_org(user_id: str) -> bool:
+                user = users.get(user_id)
+                return user is None or user.org_id == change.org_id
+
+            self.directory.forget_where(in_org)
+        self.listeners.changed(change)
+
+    async def stop(self) -> None:
+        """Ends every server-to-client stream (uvicorn waits for open responses before it stops)."""
+        self.listeners.close_all()
+        await self.catalog_feed.stop()
 
     async def _cancel_from_elsewhere(self, notice: CancelNotice) -> None:
         await self.exchange.cancel_here(notice)

@@ -50,6 +50,16 @@ class McpSession(msgspec.Struct, kw_only=True):
     client_features: list[str] = msgspec.field(default_factory=list)
 
 
+def belongs(session: McpSession | None, user_id: str, server: str | None, transport: str) -> bool:
+    """Another user's session, or one of another endpoint or transport, is reported as not found."""
+    return (
+        session is not None
+        and session.user_id == user_id
+        and session.server == server
+        and session.transport == transport
+    )
+
+
 @dataclass(slots=True)
 class _Cached:
     session: McpSession

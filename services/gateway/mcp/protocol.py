@@ -286,17 +286,22 @@ def negotiate(requested: str) -> str:
 # -- results -----------------------------------------------------------------------------------
 MODERN_FIELDS: Final = b'"resultType":"complete"'
 CACHEABLE_FIELDS: Final = b'"resultType":"complete","ttlMs":0,"cacheScope":"private"'
-# `logging`: the upstreams' log notifications of a call are relayed (exchange.py) from the level set
+# `logging`: the upstreams' log notifications of a call are relayed (exchange.py) from the level set.
+# `tools.listChanged`: sent on a handshake session's GET stream (adapters/http/mcp_listen.py); the
+# stateless era would need `subscriptions/listen`, which is not offered, so `server/discover`
+# does not declare it.
 _CAPABILITIES: Final = {"tools": {"listChanged": True}, "logging": {}}
+_STATELESS_CAPABILITIES: Final[dict[str, Any]] = {"tools": {}, "logging": {}}
 
 
-def capabilities(features: UpstreamFeatures | None = None) -> dict[str, Any]:
+def capabilities(features: UpstreamFeatures | None = None, stateless: bool = False) -> dict[str, Any]:
     """Tools and logging; on one server's endpoint also what its upstream offers and the gateway
-    forwards. Neither `listChanged` nor `subscribe` is declared for them: those notifications
-    need a server-to-client stream the gateway does not relay (docs/mcp-endpoint.md)."""
+    forwards. Neither `listChanged` nor `subscribe` is declared for those: the upstreams'
+    notifications are not relayed (docs/mcp-endpoint.md)."""
+    base = _STATELESS_CAPABILITIES if stateless else _CAPABILITIES
     if features is None:
-        return _CAPABILITIES
-    offered: dict[str, Any] = dict(_CAPABILITIES)
+        return base
+    offered: dict[str, Any] = dict(base)
     if features.resources:
         offered["resources"] = {}
     if features.prompts:
@@ -336,7 +341,7 @@ def discover_result(server: str | None = None, features: UpstreamFeatures | None
     return _encoder.encode(
         {
             "supportedVersions": list(SUPPORTED_VERSIONS),
-            "capabilities": capabilities(features),
+            "capabilities": capabilities(features, stateless=True),
             "instructions": instructions(server),
             "resultType": "complete",
             "ttlMs": 0,

@@ -7,7 +7,8 @@ A POST is routed by what it carries:
   stateless era: no session, the routing headers must match the body;
 - anything else needs a live session of this caller on this endpoint (else 404, or 400
   when no session id was sent at all).
-`DELETE` ends a session; `GET` is 405 (no server-initiated stream is offered).
+`DELETE` ends a session; `GET` with a session opens its standalone SSE stream, where
+`notifications/tools/list_changed` arrives (mcp_listen.py).
 
 A request answers `application/json`, except a `tools/call` from a client that accepts
 `text/event-stream` during which the upstream sends notifications (progress for the call's
@@ -27,8 +28,9 @@ from litestar.types import Receive, Scope, Send
 
 from services.gateway.adapters.http import mcp_asgi as io
 from services.gateway.adapters.http.auth import client_ip
+from services.gateway.adapters.http.mcp_listen import ALLOW, listen
 from services.gateway.adapters.mcp_face import McpFace
-from services.gateway.adapters.mcp_sessions import McpSession, SessionStoreDown
+from services.gateway.adapters.mcp_sessions import McpSession, SessionStoreDown, belongs
 from services.gateway.domain import Principal
 from services.gateway.mcp import protocol as p
 from services.gateway.mcp.exchange import Context
@@ -64,8 +66,10 @@ async def serve(scope: Scope, receive: Receive, send: Send, server: str | None) 
             await _post(face, scope, receive, send, headers, server)
         elif method == "DELETE":
             await _delete(face, scope, send, headers, server)
+        elif method == "GET":
+            await listen(face, scope, receive, send, headers, server)
         else:
-            await io.not_allowed(send, b"POST, DELETE")
+            await io.not_allowed(send, ALLOW)
     except io.ClientGone:
         return
     except SessionStoreDown:
@@ -108,7 +112,7 @@ async def _post(
         text = "Missing Mcp-Session-Id: send initialize first (or use the stateless protocol, 2026-07-28)."
         return await io.reject(send, 400, p.INVALID_REQUEST, text, id_json)
     session = await face.sessions.get(session_id)
-    if not _belongs(session, principal, server, "streamable"):
+    if not belongs(session, principal.user_id, server, "streamable"):
         return await io.reject(send, 404, p.INVALID_REQUEST, _SESSION_NOT_FOUND, id_json)
     ctx = _context(scope, headers, principal, server, modern=False, version=version)
     ctx.session_id = session_id
@@ -218,20 +222,10 @@ async def _delete(
         )
     await face.ready()
     session = await face.sessions.get(session_id)
-    if not _belongs(session, scope["user"], server, "streamable"):
+    if not belongs(session, scope["user"].user_id, server, "streamable"):
         return await io.reject(send, 404, p.INVALID_REQUEST, _SESSION_NOT_FOUND)
     await face.sessions.end(session_id)
     await io.respond(send, 204)
-
-
-def _belongs(session: McpSession | None, principal: Principal, server: str | None, transport: str) -> bool:
-    """Another user's session, or one of another endpoint, is reported as not found."""
-    return (
-        session is not None
-        and session.user_id == principal.user_id
-        and session.server == server
-        and session.transport == transport
-    )
 
 
 def _context(

@@ -8,16 +8,15 @@ POST that lands on another is answered there and relayed over NATS (`mcp.sse.<id
 progress and log notifications of a tool call go the same way, as `message` events before
 its response, and so do the upstream's sampling and elicitation requests when the client's
 `initialize` declared them; the client POSTs its response to `/messages` (202, or an error
-for an id the gateway did not make for this session).
+for an id the gateway did not make for this session). `notifications/tools/list_changed`
+arrives on the stream too, as on the standalone stream of Streamable HTTP (mcp_listen.py).
 
 A POST may carry the key again; if it does not (clients that put `?api_key=` on the SSE
 URL cannot), the unguessable session id stands in for it, and the key that opened the
 stream must still be valid (a revoked key ends the session's use at once).
 """
 
-import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Final
 from urllib.parse import parse_qs
@@ -28,11 +27,13 @@ from litestar.types import Receive, Scope, Send
 
 from services.gateway.adapters.http import mcp_asgi as io
 from services.gateway.adapters.http.auth import OWN_AUTH, client_ip, presented_key
+from services.gateway.adapters.http.mcp_listen import pump
 from services.gateway.adapters.mcp_face import McpFace
 from services.gateway.adapters.mcp_sessions import McpSession, SessionStoreDown
 from services.gateway.domain import Principal
 from services.gateway.mcp import protocol as p
 from services.gateway.mcp.exchange import Context
+from services.gateway.mcp.listening import Audience
 
 KEEPALIVE_S: Final = 15.0
 _SSE_HEADERS: Final = io.SSE_HEADERS
@@ -56,47 +57,32 @@ async def sse_stream(scope: Scope, receive: Receive, send: Send) -> None:
         transport="sse",
     )
     session_id = await face.sessions.create(session)
+
+    async def renew() -> bool:
+        with contextlib.suppress(SessionStoreDown):
+            await face.sessions.get(session_id)  # renews the session's TTL while the stream is open
+        return True
+
+    audience = Audience(principal.user_id, principal.org_id, None)
     try:
-        async with face.relay.stream(session_id) as queue:
+        async with (
+            face.relay.stream(session_id) as queue,
+            face.listeners.legacy(session_id, audience, queue) as listener,
+        ):
             await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
             endpoint = b"/messages?session_id=" + session_id.encode()
             await send(
                 {"type": "http.response.body", "body": event(b"endpoint", endpoint), "more_body": True}
             )
-            await _pump(queue, receive, send, lambda: face.sessions.get(session_id))
+            await pump(listener, receive, send, renew, KEEPALIVE_S)
+    except OSError:  # the client went away mid-write
+        pass
     finally:
         await face.sessions.end(session_id)
     try:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except OSError:
         pass
-
-
-async def _pump(
-    queue: "asyncio.Queue[bytes]", receive: Receive, send: Send, keep_alive: Callable[[], Awaitable[object]]
-) -> None:
-    """Writes the stream's messages until the client goes away; keeps the session alive meanwhile."""
-    gone = asyncio.ensure_future(io.disconnected(receive))
-    try:
-        while True:
-            item = asyncio.ensure_future(queue.get())
-            done, _ = await asyncio.wait(
-                {item, gone}, timeout=KEEPALIVE_S, return_when=asyncio.FIRST_COMPLETED
-            )
-            if item in done:
-                chunk = event(b"message", item.result())
-            else:
-                item.cancel()
-                if gone in done:
-                    return
-                chunk = b": keepalive\r\n\r\n"
-                with contextlib.suppress(SessionStoreDown):
-                    await keep_alive()  # renews the session's TTL while the stream is open
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-    except OSError:  # the client went away mid-write
-        return
-    finally:
-        gone.cancel()
 
 
 @asgi("/messages", copy_scope=False, opt={OWN_AUTH: True})
