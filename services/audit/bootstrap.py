@@ -16,7 +16,7 @@ from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.history import StoredHistory
 from services.kit.host import Component, add_ping
-from services.kit.projection import ProjectionConsumer
+from services.kit.projection import LIVE_LINGER_S, ProjectionConsumer
 from services.kit.rpc import CommandServer
 
 SCHEMA = "audit"
@@ -50,6 +50,7 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
         ahead=ChainsAhead(store),  # a catch-up seals batch N+1 while batch N is written,
         worker_from=own.replay_worker_from,  # in a worker process when it is a long one
         history=StoredHistory(bus),  # events the stream's retention dropped
+        linger_s=LIVE_LINGER_S,
     )
     server = CommandServer(bus, "audit")
     add_ping(server, settings)

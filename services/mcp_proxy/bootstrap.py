@@ -12,7 +12,7 @@ from services.kit.eventstore import store_env
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
-from services.kit.projection import ProjectionConsumer
+from services.kit.projection import LIVE_LINGER_S, ProjectionConsumer
 from services.kit.rpc import CommandClient, CommandServer
 from services.mcp_proxy.adapters.commands import CancelListener, routes
 from services.mcp_proxy.adapters.feeds import Feeds
@@ -100,6 +100,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
         name="mcp_history",
         filter_subject=event_subject("mcp_proxy.tool_call_completed"),
         apply=tables.apply,
+        linger_s=LIVE_LINGER_S,
     )
     history = CallHistory(tables, projection, cursor_key(settings))
     server = CommandServer(bus, SCHEMA, max_in_flight=proxy.max_in_flight)
