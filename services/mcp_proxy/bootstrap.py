@@ -99,7 +99,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
         schema=SCHEMA,
         name="mcp_history",
         filter_subject=event_subject("mcp_proxy.tool_call_completed"),
-        apply=tables.apply,
+        apply_batch=tables.apply_batch,
         linger_s=LIVE_LINGER_S,
     )
     history = CallHistory(tables, projection, cursor_key(settings))

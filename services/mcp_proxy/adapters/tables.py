@@ -67,6 +67,10 @@ class ProxyTables:
     def __init__(self, database_url: str, schema: str = "mcp_proxy", pool_size: int = 4) -> None:
         self.database_url, self.schema, self.pool_size = database_url, schema, pool_size
         self._pool: AsyncConnectionPool[Conn] | None = None
+        self._insert_history = self._sql(
+            "INSERT INTO {s}.history ({cols}) VALUES "
+            "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
+        )
 
     def _sql(self, text: str, **parts: Any) -> Composed:
         return SQL(text).format(s=Identifier(self.schema), cols=SQL(_COLUMNS), **parts)
@@ -95,34 +99,13 @@ class ProxyTables:
         return self._pool
 
     # -- history: writes on the projection's connection -------------------------------------
-    async def apply(self, conn: Conn, d: Delivered) -> None:
-        """The ProjectionConsumer's `apply`: a ToolCallCompleted becomes a row; the rest is skipped."""
-        p = d.payload
-        if not isinstance(p, ToolCallCompleted) or d.envelope is None:
-            return
-        await conn.execute(
-            self._sql(
-                "INSERT INTO {s}.history ({cols}) VALUES "
-                "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING"
-            ),
-            [
-                d.envelope.event_id,
-                d.stream_seq,
-                p.user_id,
-                d.envelope.org_id,
-                p.request_id,
-                p.server,
-                p.tool_name,
-                p.status,
-                p.duration_ms,
-                p.arguments_sha256,
-                p.arguments_bytes,
-                p.result_bytes,
-                p.reached_upstream,
-                p.error,
-                p.started_at,
-            ],
-        )
+    async def apply_batch(self, conn: Conn, batch: list[Delivered]) -> None:
+        """The ProjectionConsumer's `apply_batch`: each ToolCallCompleted becomes a row (one
+        pipelined round trip for the batch); the rest is skipped."""
+        rows = [_history_row(d) for d in batch if isinstance(d.payload, ToolCallCompleted) and d.envelope]
+        if rows:
+            async with conn.cursor() as cur:
+                await cur.executemany(self._insert_history, rows)
 
     async def reset(self, conn: Conn) -> None:
         await conn.execute(self._sql("TRUNCATE {s}.history"))
@@ -188,3 +171,25 @@ class ProxyTables:
 async def _rows(cur: Any) -> AsyncIterator[Any]:
     async for row in cur:
         yield row
+
+
+def _history_row(d: Delivered) -> list[Any]:
+    p, envelope = d.payload, d.envelope
+    assert isinstance(p, ToolCallCompleted) and envelope is not None
+    return [
+        envelope.event_id,
+        d.stream_seq,
+        p.user_id,
+        envelope.org_id,
+        p.request_id,
+        p.server,
+        p.tool_name,
+        p.status,
+        p.duration_ms,
+        p.arguments_sha256,
+        p.arguments_bytes,
+        p.result_bytes,
+        p.reached_upstream,
+        p.error,
+        p.started_at,
+    ]
