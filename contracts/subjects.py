@@ -54,6 +54,16 @@ def mcp_answer(request_id: str, seq: int) -> str:
     return f"mcp.answer.{request_id}.{seq}"
 
 
+# An upstream's own `notifications/tools/list_changed`, mcp_proxy -> every gateway replica, on
+# core NATS (contracts/commands/mcp.py UpstreamToolsChanged): the replicas holding that user's
+# MCP streams tell them to list again.
+MCP_TOOLS_CHANGED: Final = "mcp.tools_changed.>"
+
+
+def mcp_tools_changed(user_id: str) -> str:
+    return f"mcp.tools_changed.{user_id}"
+
+
 # Builds (contracts/commands/builds.py): a work queue, a log stream, live status, heartbeats.
 BUILDS_STREAM: Final = "GATEHOUSE_BUILDS"  # work-queue retention: an order is removed once acked
 BUILD_QUEUE: Final = "builds.queue"

@@ -201,6 +201,20 @@ class AnswerReceipt(msgspec.Struct, kw_only=True, omit_defaults=True):
     detail: str = ""
 
 
+class UpstreamToolsChanged(msgspec.Struct, kw_only=True):
+    """An upstream told mcp_proxy that its tool list changed (`notifications/tools/list_changed`),
+    published on `mcp.tools_changed.<user_id>` (core NATS, contracts/subjects.py).
+
+    Upstream processes and sessions are per user, so the change concerns that user only, even
+    for an org server (another member's process may list other tools). `server` is the
+    registration's name as the user sees it. Sent at most once a second per (user, server).
+    """
+
+    user_id: str
+    org_id: str
+    server: str
+
+
 class CallOutcome(msgspec.Struct, kw_only=True, omit_defaults=True):
     request_id: str
     server: str

@@ -11,7 +11,10 @@ subjects open (services add subjects often; a wall that must list them all break
 - only `mcp_proxy` may publish, and only `gateway` subscribe to, `mcp.notify.>` (a tool
   call's progress and log notifications and the upstream's sampling/elicitation requests,
   which carry what the upstream says to one user); the other way, only `gateway` may publish,
-  and only `mcp_proxy` subscribe to, `mcp.answer.>` (the client's answers to those requests).
+  and only `mcp_proxy` subscribe to, `mcp.answer.>` (the client's answers to those requests);
+- likewise only `mcp_proxy` may publish, and only `gateway` subscribe to, `mcp.tools_changed.>`
+  (an upstream's own tools/list_changed for one user: a forged one would make that user's
+  clients list again, a heard one tells which servers a user runs).
 
 `operator` is the CLI. `gatehouse up` renders this into its embedded NATS server's
 configuration, with a password per user kept in `<data dir>/keys/nats-<user>` (0600);
@@ -21,7 +24,7 @@ infra/nats/authorization.conf.example is the production counterpart (docs/secret
 import json
 from pathlib import Path
 
-from contracts.subjects import MCP_ANSWERS, MCP_NOTICES, command
+from contracts.subjects import MCP_ANSWERS, MCP_NOTICES, MCP_TOOLS_CHANGED, command
 
 OPERATOR = "operator"
 SERVICE_USERS = (
@@ -57,10 +60,10 @@ def permissions(user: str) -> dict[str, object]:
         publish_deny.append("events.secrets.>")
         subscribe_deny.append("cmd.secrets.>")
     if user != NOTICE_PUBLISHER:
-        publish_deny.append(MCP_NOTICES)
+        publish_deny += [MCP_NOTICES, MCP_TOOLS_CHANGED]
         subscribe_deny.append(MCP_ANSWERS)
     if user != NOTICE_READER:
-        subscribe_deny.append(MCP_NOTICES)
+        subscribe_deny += [MCP_NOTICES, MCP_TOOLS_CHANGED]
         publish_deny.append(MCP_ANSWERS)
     publish: dict[str, list[str]] = {"allow": [">"]}
     if publish_deny:

@@ -24,6 +24,7 @@ from services.mcp_proxy.adapters.secrets import RevealingSecrets
 from services.mcp_proxy.adapters.server_quota import ServerQuota
 from services.mcp_proxy.adapters.stdio.pool import StdioPool
 from services.mcp_proxy.adapters.tables import ProxyTables
+from services.mcp_proxy.adapters.tool_changes import ToolChanges
 from services.mcp_proxy.adapters.upstreams import UpstreamRouter
 from services.mcp_proxy.application.calls import Calls
 from services.mcp_proxy.application.history import CallHistory
@@ -86,7 +87,11 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     store.on_saved = outbox.nudge
     relay = PromptStop(outbox, quiet=lambda: setattr(store, "on_saved", lambda: None))
     recorder = Recorder(store, proxy.record_batch, proxy.record_interval_ms / 1000)
-    upstreams = UpstreamRouter(StdioPool(proxy, settings.instance, recorder.process), RemotePool(proxy))
+    changes = ToolChanges(bus)  # an upstream's own tools/list_changed, told to the gateway
+    upstreams = UpstreamRouter(
+        StdioPool(proxy, settings.instance, recorder.process, changes.changed),
+        RemotePool(proxy, changes.changed),
+    )
     slots = ServerQuota(CommandClient(bus)) if proxy.quota else None  # the server limit (docs/quota.md)
     registry = Registry(store, proxy.spec_policy(), proxy.registry_ttl_s, upstreams, slots=slots)
     secrets = RevealingSecrets(CommandClient(bus), proxy.secret_ttl_s)
@@ -113,6 +118,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
         tables,
         relay,
         recorder,
+        changes,
         upstreams,
         PromptStop(projection),
         Feeds(bus, registry, secrets),

@@ -407,3 +407,65 @@ async def test_shutdown_ends_open_streams(stack: Stack) -> None:
         finally:
             server.should_exit = True
             await asyncio.wait_for(task, 10)
+
+
+GROWING = str(Path(__file__).resolve().parents[1] / "upstreams" / "growing_server.py")
+
+
+async def rpc(stack: Stack, replica: int, key: str, session: str, method: str, params: Any = None) -> Any:
+    body = {"jsonrpc": "2.0", "id": 7, "method": method, **({"params": params} if params else {})}
+    headers = {**bearer(key), "Mcp-Session-Id": session, "MCP-Protocol-Version": "2025-11-25"}
+    answer = await stack.http[replica].post("/mcp", json=body, headers=headers)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["result"]
+
+
+async def tool_names(stack: Stack, replica: int, key: str, session: str) -> set[str]:
+    return {t["name"] for t in (await rpc(stack, replica, key, session, "tools/list"))["tools"]}
+
+
+async def test_an_upstreams_own_change_reaches_only_its_users_streams(stack: Stack) -> None:
+    """Ann's process of the org server grows a tool: her streams hear of it on every replica,
+    Bea's (same org, same server, her own process) do not, nor Bob's."""
+    ann, bea, ada, bob = (u.api_key for u in (stack.ann, stack.bea, stack.ada, stack.bob))
+    url0, url1 = stack.urls
+    ann_session, bea_session = await initialize(stack.http[0], ann), await initialize(stack.http[0], bea)
+    body = {
+        "name": "garden",
+        "transport": "stdio",
+        "command": sys.executable,
+        "args": [GROWING],
+        "scope": "org",
+    }
+    async with (
+        listening(url0, ann, ann_session) as ann_stream,
+        listening(url1, bea) as bea_stream,
+        listening(url0, bob) as bob_stream,
+    ):
+        created = await stack.http[1].post("/v1/mcp/servers", json=body, headers=bearer(ada))
+        assert created.status_code == 201, created.text
+        assert await ann_stream.next() == LIST_CHANGED  # the registration itself
+        assert await bea_stream.next() == LIST_CHANGED
+        session = await initialize(stack.http[1], ann, "/servers/garden/mcp")
+        async with listening(url1, ann, session, path="/servers/garden/mcp") as garden_stream:
+            # both users' processes run (tools/list starts them); replica 0 caches Ann's catalog
+            assert "garden__sprout" not in await tool_names(stack, 0, ann, ann_session)
+            assert "garden__sprout" not in await tool_names(stack, 0, bea, bea_session)
+            call_session = await initialize(stack.http[1], ann)
+            grown = await rpc(
+                stack,
+                1,
+                ann,
+                call_session,
+                "tools/call",
+                {"name": "garden__grow", "arguments": {"name": "sprout"}},
+            )
+            assert grown["content"][0]["text"] == "grew sprout", grown
+            assert await ann_stream.next() == LIST_CHANGED  # on the other replica
+            assert await garden_stream.next() == LIST_CHANGED  # that server's endpoint
+            assert "garden__sprout" in await tool_names(stack, 0, ann, ann_session)  # cache dropped
+            assert "garden__sprout" not in await tool_names(stack, 0, bea, bea_session)  # her own process
+            await asyncio.gather(ann_stream.quiet(), bea_stream.quiet(), bob_stream.quiet())
+        removed = await stack.http[1].delete("/v1/mcp/servers/garden?scope=org", headers=bearer(ada))
+        assert removed.status_code == 204, removed.text
+        assert await ann_stream.next() == LIST_CHANGED

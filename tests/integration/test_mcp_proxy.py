@@ -637,3 +637,60 @@ async def test_history_events_and_idempotency(proxy: Proxy) -> None:
 async def _full(pending: Any, n: int) -> Any:
     page = await pending
     return page if len(page.items) >= n else None
+
+
+# -- an upstream's own tools/list_changed -------------------------------------------------------
+GROWING = str(Path(__file__).resolve().parents[1] / "upstreams" / "growing_server.py")
+
+
+async def test_an_upstreams_list_changed_is_published_for_its_user_once_a_second(
+    proxy: Proxy, tmp_path: Path
+) -> None:
+    """stdio and Streamable HTTP (handshake era): the cached list is dropped and
+    `mcp.tools_changed.<user>` tells the gateway, at most once a second per (user, server),
+    never for another user."""
+    heard: list[tuple[str, cmd.UpstreamToolsChanged]] = []
+
+    async def got(msg: Any) -> None:
+        heard.append((msg.subject, msgspec.json.decode(msg.data, type=cmd.UpstreamToolsChanged)))
+
+    await proxy.bus.nc.subscribe("mcp.tools_changed.>", cb=got)
+    await proxy.bus.nc.flush()
+    alice, bob = caller("alice"), caller("bob")
+    with http_upstream(GROWING, "--http", log=tmp_path / "growing.log") as port:
+        await proxy.register(
+            alice, cmd.ServerSpec(name="garden", transport="stdio", command=sys.executable, args=[GROWING])
+        )
+        await proxy.register(
+            alice, cmd.ServerSpec(name="remote", transport="http", url=f"http://127.0.0.1:{port}/mcp")
+        )
+        await proxy.register(
+            bob, cmd.ServerSpec(name="garden", transport="stdio", command=sys.executable, args=[GROWING])
+        )
+        assert await proxy.value(bob, "flap", {"times": 0}, server="garden") == "flapped 0"  # his process
+        for server in ("garden", "remote"):
+            listing = cmd.ListTools(meta=meta(), caller=alice)
+            before = await proxy.ask("list_tools", listing, cmd.ToolCatalog)
+            assert "sprout" not in {t.name for s in before.servers if s.server == server for t in s.tools}
+            assert await proxy.value(alice, "grow", {"name": "sprout"}, server=server) == "grew sprout"
+            expected = (
+                "mcp.tools_changed.alice",
+                cmd.UpstreamToolsChanged(user_id="alice", org_id=ORG, server=server),
+            )
+            await eventually(lambda expected=expected: asyncio.sleep(0, expected in heard), timeout=10)
+            after = await proxy.ask("list_tools", listing, cmd.ToolCatalog)
+            assert "sprout" in {t.name for s in after.servers if s.server == server for t in s.tools}
+        await asyncio.sleep(1.1)  # both windows closed
+        heard.clear()
+        assert await proxy.value(alice, "flap", {"times": 20}, server="garden") == "flapped 20"
+        await asyncio.sleep(1.5)
+        assert (
+            heard
+            == [
+                (
+                    "mcp.tools_changed.alice",
+                    cmd.UpstreamToolsChanged(user_id="alice", org_id=ORG, server="garden"),
+                )
+            ]
+            * 2
+        )

@@ -160,8 +160,15 @@ async def test_only_the_revealers_reach_the_reveal_subject(secured: Secured) -> 
             await conn.close()
 
 
-async def test_only_mcp_proxy_tells_only_the_gateway_about_a_call(secured: Secured) -> None:
-    """`mcp.notify.<request id>`: a tool call's progress and log lines, for one user."""
+@pytest.mark.parametrize(
+    ("wildcard", "subject"),
+    [("mcp.notify.>", "mcp.notify.call-1"), ("mcp.tools_changed.>", "mcp.tools_changed.user-1")],
+)
+async def test_only_mcp_proxy_tells_only_the_gateway_about_a_call(
+    secured: Secured, wildcard: str, subject: str
+) -> None:
+    """`mcp.notify.<request id>`: a tool call's progress and log lines, for one user;
+    `mcp.tools_changed.<user id>`: an upstream's own tools change, for one user."""
     errors: dict[str, list[str]] = {user: [] for user in natsauth.USERS}
     conns = {user: await as_user(secured, user, errors[user]) for user in natsauth.USERS}
     heard: dict[str, list[bytes]] = {user: [] for user in natsauth.USERS}
@@ -170,20 +177,20 @@ async def test_only_mcp_proxy_tells_only_the_gateway_about_a_call(secured: Secur
         async def got(msg: Any, user: str = user) -> None:
             heard[user].append(msg.data)
 
-        await conn.subscribe("mcp.notify.>", cb=got)
+        await conn.subscribe(wildcard, cb=got)
         await conn.flush()
     await asyncio.sleep(0.2)
     for user in natsauth.USERS:
-        refused = any('subscription to "mcp.notify.>"' in e.lower() for e in errors[user])
+        refused = any(f'subscription to "{wildcard}"' in e.lower() for e in errors[user])
         assert refused == (user != "gateway"), (user, errors[user])
     for user, conn in conns.items():
-        await conn.publish("mcp.notify.call-1", f"from {user}".encode())
+        await conn.publish(subject, f"from {user}".encode())
         await conn.flush()
     await asyncio.sleep(0.3)
     assert heard["gateway"] == [b"from mcp_proxy"]  # no one else's reached it, and no one else heard
     assert all(not heard[u] for u in natsauth.USERS if u != "gateway")
     for user in natsauth.USERS:
-        refused = any('publish to "mcp.notify.call-1"' in e.lower() for e in errors[user])
+        refused = any(f'publish to "{subject}"' in e.lower() for e in errors[user])
         assert refused == (user != "mcp_proxy"), (user, errors[user])
     for conn in conns.values():
         await conn.close()

@@ -26,11 +26,12 @@ def test_only_secrets_hears_its_commands_and_no_one_reads_anothers_inbox() -> No
         assert others <= set(denied) and f"_INBOX_{user}.>" not in denied
 
 
-def test_only_mcp_proxy_publishes_and_only_the_gateway_hears_call_notifications() -> None:
+@pytest.mark.parametrize("subject", ["mcp.notify.>", "mcp.tools_changed.>"])
+def test_only_mcp_proxy_publishes_and_only_the_gateway_hears_call_notifications(subject: str) -> None:
     for user in natsauth.USERS:
         rules = natsauth.permissions(user)
-        assert ("mcp.notify.>" in rules["publish"].get("deny", [])) == (user != "mcp_proxy"), user  # type: ignore[attr-defined]
-        assert ("mcp.notify.>" in rules["subscribe"]["deny"]) == (user != "gateway"), user  # type: ignore[index]
+        assert (subject in rules["publish"].get("deny", [])) == (user != "mcp_proxy"), user  # type: ignore[attr-defined]
+        assert (subject in rules["subscribe"]["deny"]) == (user != "gateway"), user  # type: ignore[index]
 
 
 def test_the_rendered_block_names_every_user_with_its_password() -> None:

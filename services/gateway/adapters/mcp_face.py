@@ -11,11 +11,12 @@ from services.gateway.adapters.catalog_feed import CatalogFeed
 from services.gateway.adapters.mcp_listeners import Listeners, max_streams_from_env
 from services.gateway.adapters.mcp_relay import Relay
 from services.gateway.adapters.mcp_sessions import SessionStore
+from services.gateway.adapters.upstream_changes import UpstreamChanges
 from services.gateway.application import Gateway
 from services.gateway.mcp.asks import AskIds
 from services.gateway.mcp.directory import ToolDirectory
 from services.gateway.mcp.exchange import CancelNotice, Exchange
-from services.gateway.mcp.listening import CatalogChange
+from services.gateway.mcp.listening import CatalogChange, UpstreamChange
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class McpFace:
         self.relay = Relay(gateway.bus)
         self.listeners = Listeners(gateway.bus, max_streams_from_env())
         self.catalog_feed = CatalogFeed(gateway.bus, self._catalog_changed)
+        self.upstream_changes = UpstreamChanges(gateway.bus, self._upstream_changed)
         self.exchange = Exchange(
             gateway,
             self.directory,
@@ -82,6 +84,7 @@ class McpFace:
                 await self.relay.start(self._cancel_from_elsewhere)
                 await self.listeners.start()
                 await self.catalog_feed.start()
+                await self.upstream_changes.start()
                 self._started = True
 
     def _catalog_changed(self, change: CatalogChange) -> None:
@@ -99,10 +102,17 @@ class McpFace:
             self.directory.forget_where(in_org)
         self.listeners.changed(change)
 
+    def _upstream_changed(self, change: UpstreamChange) -> None:
+        """One user's upstream changed its own tools: their cached catalogs go, then their
+        streams are told (never another user's: mcp_proxy runs upstreams per user)."""
+        self.directory.forget(change.user_id)
+        self.listeners.upstream_changed(change)
+
     async def stop(self) -> None:
         """Ends every server-to-client stream (uvicorn waits for open responses before it stops)."""
         self.listeners.close_all()
         await self.catalog_feed.stop()
+        await self.upstream_changes.stop()
 
     async def _cancel_from_elsewhere(self, notice: CancelNotice) -> None:
         await self.exchange.cancel_here(notice)

@@ -3,7 +3,8 @@
 Two kinds: the standalone stream of Streamable HTTP (`GET /mcp`, `GET /servers/{name}/mcp`
 with a session) and the legacy `GET /sse` stream. A registry change heard by the catalog feed
 (`catalog_feed.py`) becomes `notifications/tools/list_changed` on every stream whose audience
-it affects (`mcp/listening.py`).
+it affects (`mcp/listening.py`), and so does an upstream's own change (`upstream_changes.py`),
+on that user's streams only.
 
 Limits. One standalone stream per session: a newer GET replaces the older one, on whichever
 replica each is held. The replica that opens a stream announces `<session id> <token>` on
@@ -27,7 +28,14 @@ from typing import Final
 from nats.aio.msg import Msg
 
 from services.gateway.adapters.mcp_sessions import ENDED_SUBJECT
-from services.gateway.mcp.listening import LIST_CHANGED, Audience, CatalogChange, affects
+from services.gateway.mcp.listening import (
+    LIST_CHANGED,
+    Audience,
+    CatalogChange,
+    UpstreamChange,
+    affects,
+    hears,
+)
 from services.kit.bus import Bus
 from services.kit.config import ConfigError
 
@@ -96,6 +104,15 @@ class Listeners:
         told = 0
         for listener in list(candidates):
             if affects(change, listener.audience):
+                listener.notify(LIST_CHANGED)
+                told += 1
+        return told
+
+    def upstream_changed(self, change: UpstreamChange) -> int:
+        """An upstream's own tools change: that user's streams on this replica (`hears`)."""
+        told = 0
+        for listener in list(self._by_user.get(change.user_id, set())):
+            if hears(change, listener.audience):
                 listener.notify(LIST_CHANGED)
                 told += 1
         return told

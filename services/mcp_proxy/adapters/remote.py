@@ -35,12 +35,14 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx2
 import msgspec
 from mcp import Client
 from mcp.client import ClientRequestContext
+from mcp.client.session import IncomingMessage
 from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
@@ -63,6 +65,7 @@ from mcp_types import (
     Result,
     ServerCapabilities,
     SubscribeRequest,
+    ToolListChangedNotification,
     UnsubscribeRequest,
 )
 from pydantic import ConfigDict, ValidationError
@@ -116,8 +119,14 @@ def _describe(err: BaseException) -> str:
 
 
 class RemoteSession:
-    def __init__(self, target: Target, settings: ProxySettings) -> None:
+    def __init__(
+        self,
+        target: Target,
+        settings: ProxySettings,
+        on_tools_changed: Callable[[Target], None] | None = None,
+    ) -> None:
         self.target, self.settings = target, settings
+        self._on_tools_changed = on_tools_changed  # adapters/tool_changes.py
         self.last_used = time.monotonic()
         self.in_flight = 0
         self.broken: str | None = None
@@ -160,6 +169,7 @@ class RemoteSession:
                 logging_callback=self._logged,
                 sampling_callback=self._sampling,
                 elicitation_callback=self._elicitation,
+                message_handler=self._message,
             ) as client:
                 self._client = client
                 self.features = _features(client.server_capabilities)
@@ -210,6 +220,14 @@ class RemoteSession:
                 break
         self._tools = tools
         return tools
+
+    async def _message(self, message: IncomingMessage) -> None:
+        """The upstream's own `notifications/tools/list_changed` (handshake era: on its GET or SSE
+        stream): the cached list goes, and the user's MCP clients are told."""
+        if isinstance(message, ToolListChangedNotification):
+            self._tools = None
+            if self._on_tools_changed is not None:
+                self._on_tools_changed(self.target)
 
     async def _logged(self, params: LoggingMessageNotificationParams) -> None:
         if self._listeners:
@@ -419,8 +437,11 @@ def _current_cancelling() -> bool:
 
 
 class RemotePool:
-    def __init__(self, settings: ProxySettings) -> None:
+    def __init__(
+        self, settings: ProxySettings, on_tools_changed: Callable[[Target], None] | None = None
+    ) -> None:
         self.settings = settings
+        self._on_tools_changed = on_tools_changed
         self.sessions: dict[PoolKey, RemoteSession] = {}
         self._opening: dict[PoolKey, asyncio.Task[RemoteSession]] = {}
         self._sweeper: asyncio.Task[None] | None = None
@@ -469,7 +490,7 @@ class RemotePool:
             raise UpstreamUnavailable(f"The server '{target.server}' cannot be reached: {err}.") from None
         attempts = max(1, self.settings.http_retries + 1)
         for attempt in range(attempts):
-            session = RemoteSession(target, self.settings)
+            session = RemoteSession(target, self.settings, self._on_tools_changed)
             try:
                 async with asyncio.timeout(self.settings.start_timeout_s):
                     await session.open()

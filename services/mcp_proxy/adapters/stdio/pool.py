@@ -27,8 +27,15 @@ log = logging.getLogger(__name__)
 
 
 class StdioPool:
-    def __init__(self, settings: ProxySettings, node: str, record: Callable[[ProcessRecord], None]) -> None:
+    def __init__(
+        self,
+        settings: ProxySettings,
+        node: str,
+        record: Callable[[ProcessRecord], None],
+        on_tools_changed: Callable[[Target], None] | None = None,
+    ) -> None:
         self.settings, self.node, self._record = settings, node, record
+        self._on_tools_changed = on_tools_changed  # an upstream's own list_changed (tool_changes.py)
         self.processes: dict[PoolKey, StdioProcess] = {}
         self._starting: dict[PoolKey, asyncio.Task[StdioProcess]] = {}
         self._draining: set[StdioProcess] = set()  # retired, still finishing calls
@@ -79,7 +86,7 @@ class StdioPool:
 
     async def _start(self, target: Target) -> StdioProcess:
         key = target.key
-        process = StdioProcess(target, self.settings, self._ended)
+        process = StdioProcess(target, self.settings, self._ended, self._on_tools_changed)
         await process.start()
         self.processes[key] = process
         self.started += 1

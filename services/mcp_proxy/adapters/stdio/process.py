@@ -107,8 +107,10 @@ class StdioProcess(asyncio.SubprocessProtocol):
         target: Target,
         settings: ProxySettings,
         on_end: Callable[["StdioProcess", str], None],
+        on_tools_changed: Callable[[Target], None] | None = None,
     ) -> None:
         self.target, self.settings, self._on_end = target, settings, on_end
+        self._on_tools_changed = on_tools_changed  # adapters/tool_changes.py
         self.pid = 0
         self.started_at = time.monotonic()
         self.last_used = self.started_at
@@ -294,6 +296,8 @@ class StdioProcess(asyncio.SubprocessProtocol):
     def _notified(self, method: str, params: bytes) -> None:
         if method == "notifications/tools/list_changed":
             self._tools = None
+            if self._on_tools_changed is not None:
+                self._on_tools_changed(self.target)
         elif not self._listeners:
             return
         elif method == "notifications/progress":
