@@ -14,18 +14,15 @@ from litestar import Litestar
 
 from contracts.commands import secrets as cmd
 from contracts.commands.common import CommandMeta
-from contracts.commands.identity import CreateUser, UserCreated
+from contracts.commands.identity import UserCreated
 from contracts.envelope import Actor
-from services.audit.bootstrap import build as audit_build
-from services.gateway.bootstrap import assemble
-from services.identity.bootstrap import build as identity_build
-from services.kit.bus import Bus, connect, ensure_stream
+from services.kit.bus import Bus
 from services.kit.config import Settings, load_settings
 from services.kit.rpc import CommandClient
 from services.secrets.adapters.keyfile import write_keyring
 from services.secrets.bootstrap import build as secrets_build
 from services.secrets.crypto import new_master_key
-from tests.helpers import OPERATOR, eventually, running
+from tests.integration.gateway_world import two_orgs_gateway
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -85,37 +82,16 @@ def secrets_settings(service_env: dict[str, str], tmp_path: Path) -> tuple[Setti
 @pytest.fixture
 async def world(service_env: dict[str, str], tmp_path: Path) -> AsyncIterator[World]:
     settings, keyring_file = secrets_settings(service_env, tmp_path)
-    async with (
-        running(identity_build, settings, "identity") as bus,
-        running(audit_build, settings, "audit"),
-        running(secrets_build, settings, "secrets"),
-    ):
-        gateway_bus = await connect(settings, "gateway")
-        await ensure_stream(gateway_bus, settings)
-        app, feed = await assemble(settings, gateway_bus)
-        client = CommandClient(bus)
-        try:
-
-            async def create(email: str, org: str, is_admin: bool = False) -> UserCreated:
-                request = CreateUser(meta=OPERATOR, email=email, org=org, is_admin=is_admin)
-                return await client.call("identity", "create_user", request, UserCreated)
-
-            admin = await create("admin@alpha.test", "alpha", is_admin=True)
-            ann = await create("ann@alpha.test", "alpha")
-            bea = await create("bea@alpha.test", "alpha")
-            zed = await create("zed@beta.test", "beta", is_admin=True)
-            transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
-            async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as http:
-                w = World(app, http, bus, client, settings, keyring_file, admin, ann, bea, zed)
-
-                async def everyone_known() -> bool:
-                    for user in (admin, ann, bea, zed):
-                        if (await http.get("/v1/me", headers=w.headers(user))).status_code != 200:
-                            return False
-                    return True
-
-                await eventually(everyone_known, timeout=30)
-                yield w
-        finally:
-            await feed.stop()
-            await gateway_bus.close()
+    async with two_orgs_gateway(settings, "203.0.113.9", also=[(secrets_build, "secrets")]) as t:
+        yield World(
+            t.app,
+            t.http,
+            t.identity_bus,
+            t.identity,
+            settings,
+            keyring_file,
+            t.admin,
+            t.ann,
+            t.bea,
+            t.other_admin,
+        )

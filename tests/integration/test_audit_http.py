@@ -10,16 +10,12 @@ from typing import Any
 import httpx
 import pytest
 
-from contracts.commands.identity import CreateUser, UserCreated
+from contracts.commands.identity import UserCreated
 from contracts.envelope import encode_envelope
 from contracts.subjects import STREAM
-from services.audit.bootstrap import build as audit_build
-from services.gateway.bootstrap import assemble
-from services.identity.bootstrap import build as identity_build
-from services.kit.bus import connect, ensure_stream
 from services.kit.config import Settings
-from services.kit.rpc import CommandClient
-from tests.helpers import OPERATOR, eventually, running, stream_messages
+from tests.helpers import eventually, stream_messages
+from tests.integration.gateway_world import bearer, two_orgs_gateway
 
 
 async def reports(bus: Any) -> list[dict[str, Any]]:
@@ -41,47 +37,12 @@ class World:
     other: UserCreated
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture
 async def world(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[World]:
     monkeypatch.setenv("GATEHOUSE_AUTH_FAILURE_WINDOW_S", "1")
     monkeypatch.setenv("GATEHOUSE_AUTH_FAILURE_REPORTS", "2")
-    async with (
-        running(identity_build, settings, "identity") as identity_bus,
-        running(audit_build, settings, "audit"),
-    ):
-        bus = await connect(settings, "gateway")
-        await ensure_stream(bus, settings)
-        app, feed = await assemble(settings, bus)
-        try:
-            client = CommandClient(identity_bus)
-
-            async def create(email: str, org: str, is_admin: bool = False) -> UserCreated:
-                request = CreateUser(meta=OPERATOR, email=email, org=org, is_admin=is_admin)
-                return await client.call("identity", "create_user", request, UserCreated)
-
-            admin = await create("admin@alpha.test", "alpha", is_admin=True)
-            ann = await create("ann@alpha.test", "alpha")
-            bea = await create("bea@alpha.test", "alpha")
-            other = await create("admin@beta.test", "beta", is_admin=True)
-            transport = httpx.ASGITransport(app=app, client=(IP, 4711))
-            async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as http:
-
-                async def known() -> bool:
-                    for user in (admin, ann, bea, other):
-                        if (await http.get("/v1/me", headers=bearer(user.api_key))).status_code != 200:
-                            return False
-                    return True
-
-                await eventually(known, timeout=30)
-                yield World(http, app, admin, ann, bea, other)
-        finally:
-            await app.state.auth_failures.stop()
-            await feed.stop()
-            await bus.close()
+    async with two_orgs_gateway(settings, IP) as t:
+        yield World(t.http, t.app, t.admin, t.ann, t.bea, t.other_admin)
 
 
 async def entries(w: World, key: str, **params: Any) -> list[dict[str, Any]]:

@@ -21,17 +21,14 @@ import pytest
 from litestar import Litestar
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from contracts.commands.identity import CreateUser, UserCreated
+from contracts.commands.identity import UserCreated
 from contracts.events.identity import ApiKeyIssued
-from services.audit.bootstrap import build as audit_build
-from services.gateway.bootstrap import assemble
-from services.identity.bootstrap import build as identity_build
 from services.identity.domain import PREFIX_LENGTH, hash_key, mint_key
-from services.kit.bus import connect, ensure_stream
 from services.kit.config import Settings, load_settings
 from services.kit.embedded import EmbeddedNats
 from services.kit.rpc import CommandClient
-from tests.helpers import OPERATOR, eventually, running
+from tests.helpers import eventually
+from tests.integration.gateway_world import bearer, two_orgs_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -89,47 +86,12 @@ class World:
     recorded: dict[str, Any] = field(default_factory=dict)  # what was there before the matrix
 
 
-def bearer(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 @pytest.fixture(scope="module")
 async def world(module_settings: Settings) -> AsyncIterator[World]:
-    settings = module_settings
-    async with (
-        running(identity_build, settings, "identity") as identity_bus,
-        running(audit_build, settings, "audit"),
-    ):
-        bus = await connect(settings, "gateway")
-        await ensure_stream(bus, settings)
-        app, feed = await assemble(settings, bus)
-        try:
-            client = CommandClient(identity_bus)
-
-            async def create(email: str, org: str, is_admin: bool = False) -> UserCreated:
-                request = CreateUser(meta=OPERATOR, email=email, org=org, is_admin=is_admin)
-                return await client.call("identity", "create_user", request, UserCreated)
-
-            admin = await create("admin@alpha.test", "alpha", is_admin=True)
-            ann = await create("ann@alpha.test", "alpha")
-            bea = await create("bea@alpha.test", "alpha")
-            other_admin = await create("admin@beta.test", "beta", is_admin=True)
-            transport = httpx.ASGITransport(app=app, client=("203.0.113.9", 4711))
-            async with httpx.AsyncClient(transport=transport, base_url="http://gatehouse.test") as http:
-                w = World(app, http, client, settings, admin, ann, bea, other_admin)
-
-                async def everyone_known() -> bool:
-                    for user in (admin, ann, bea, other_admin):
-                        if (await http.get("/v1/me", headers=bearer(user.api_key))).status_code != 200:
-                            return False
-                    return True
-
-                await eventually(everyone_known, timeout=30)
-                await prepare(w)
-                yield w
-        finally:
-            await feed.stop()
-            await bus.close()
+    async with two_orgs_gateway(module_settings, "203.0.113.9") as t:
+        w = World(t.app, t.http, t.identity, module_settings, t.admin, t.ann, t.bea, t.other_admin)
+        await prepare(w)
+        yield w
 
 
 async def prepare(w: World) -> None:
