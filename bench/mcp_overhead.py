@@ -40,7 +40,7 @@ import signal
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 import msgspec
@@ -49,7 +49,7 @@ import psutil
 from bench.gatehouse_platform import Platform, _stop_with_parent, clean_env, free_port
 from bench.lean_http import Connection, Response, run
 from bench.machine import speed_line
-from bench.mcp_proxy_direct import ECHO, ORG, pct
+from bench.mcp_proxy_direct import ECHO, ORG, latencies, pct
 from services.mcp_proxy.adapters.stdio.process import StdioProcess
 from services.mcp_proxy.application.ports import Target
 from services.mcp_proxy.config import ProxySettings
@@ -237,15 +237,6 @@ async def idle_rate(tree: Tree, seconds: float = 3.0) -> dict[str, float]:
 
 
 # -- load --------------------------------------------------------------------------------------
-async def latencies(call: Callable[[], Awaitable[None]], n: int) -> list[float]:
-    out = []
-    for _ in range(n):
-        t = time.perf_counter_ns()
-        await call()
-        out.append((time.perf_counter_ns() - t) / 1e6)
-    return out
-
-
 async def throughput(clients: list[McpClient], n: int) -> float:
     left = [n]
 

@@ -63,12 +63,6 @@ ORG = "bench-org"
 ARGS = msgspec.Raw(b'{"text":"hello gatehouse"}')
 
 
-class Outcome(msgspec.Struct):
-    status: str
-    result: msgspec.Raw = msgspec.Raw(b"")
-    error: str | None = None
-
-
 def cpu(process: psutil.Process) -> float:
     t = process.cpu_times()
     return t.user + t.system
@@ -93,11 +87,13 @@ class Proxy:
     def __init__(self, bus: Bus) -> None:
         self.client = CommandClient(bus)
 
-    async def call(self, who: cmd.Caller, tool: str = "echo", arguments: msgspec.Raw = ARGS) -> Outcome:
+    async def call(
+        self, who: cmd.Caller, tool: str = "echo", arguments: msgspec.Raw = ARGS
+    ) -> cmd.CallOutcome:
         request = cmd.CallTool(
             meta=META, caller=who, request_id=uuid.uuid4().hex, server="echo", tool=tool, arguments=arguments
         )
-        outcome = await self.client.call("mcp_proxy", "call", request, Outcome, timeout=30)
+        outcome = await self.client.call("mcp_proxy", "call", request, cmd.CallOutcome, timeout=30)
         if outcome.status != "success":
             raise RuntimeError(f"call failed: {outcome.error}")
         return outcome
