@@ -7,7 +7,7 @@ import asyncio
 import base64
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,9 @@ from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus, connect, ensure_stream
 from services.kit.config import Settings, load_settings
 from services.kit.embedded import EmbeddedNats
+from services.kit.host import Build
 from services.kit.rpc import CommandClient
+from services.mcp_proxy.bootstrap import build as proxy_build
 from tests.helpers import OPERATOR, eventually, running
 from tests.integration.fake_mcp_proxy import FakeMcpProxy
 
@@ -110,6 +112,34 @@ async def replica(settings: Settings) -> AsyncIterator[tuple[Litestar, Bus]]:
     finally:
         await feed.stop()
         await bus.close()
+
+
+@dataclass
+class RealProxy:
+    """identity, the real mcp_proxy (and `also`), gateway replicas served over real HTTP."""
+
+    settings: Settings
+    bus: Bus  # identity's connection
+    apps: list[Litestar]
+    urls: list[str]
+
+    async def user(self, email: str, org: str, is_admin: bool = False) -> UserCreated:
+        request = CreateUser(meta=OPERATOR, email=email, org=org, is_admin=is_admin)
+        return await CommandClient(self.bus).call("identity", "create_user", request, UserCreated)
+
+
+@asynccontextmanager
+async def real_proxy(
+    settings: Settings, replicas: int = 1, also: tuple[tuple[Build, str], ...] = ()
+) -> AsyncIterator[RealProxy]:
+    async with AsyncExitStack() as stack:
+        bus = await stack.enter_async_context(running(identity_build, settings, "identity"))
+        for build, name in also:
+            await stack.enter_async_context(running(build, settings, name))
+        await stack.enter_async_context(running(proxy_build, settings, "mcp_proxy"))
+        apps = [(await stack.enter_async_context(replica(settings)))[0] for _ in range(replicas)]
+        urls = [await stack.enter_async_context(served(app)) for app in apps]
+        yield RealProxy(settings, bus, apps, urls)
 
 
 async def register(proxy: FakeMcpProxy, who: Caller, name: str, scope: str = "user") -> None:

@@ -31,12 +31,9 @@ from mcp_types import (
     TextContent,
 )
 
-from contracts.commands.identity import CreateUser, UserCreated
-from services.identity.bootstrap import build as identity_build
-from services.kit.rpc import CommandClient
-from services.mcp_proxy.bootstrap import build as proxy_build
-from tests.helpers import OPERATOR, eventually, http_upstream, running
-from tests.integration.mcp_world import bearer, platform_settings, replica, served
+from contracts.commands.identity import UserCreated
+from tests.helpers import eventually, http_upstream
+from tests.integration.mcp_world import bearer, platform_settings, real_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -69,21 +66,9 @@ async def stack(
         platform_settings(tmp_path_factory, postgres_server) as settings,
     ):
         env.setenv("GATEHOUSE_MCP_ALLOW_PRIVATE", "127.0.0.1")  # the HTTP fixture is on loopback
-        async with (
-            running(identity_build, settings, "identity") as bus,
-            running(proxy_build, settings, "mcp_proxy"),
-            replica(settings) as (app0, _),
-            replica(settings) as (app1, _),
-            served(app0) as url0,
-            served(app1) as url1,
-        ):
-            client = CommandClient(bus)
-            ann, bea = [
-                await client.call(
-                    "identity", "create_user", CreateUser(meta=OPERATOR, email=e, org="alpha"), UserCreated
-                )
-                for e in ("ann@asks.test", "bea@asks.test")
-            ]
+        async with real_proxy(settings, replicas=2) as platform:
+            url0, url1 = platform.urls
+            ann, bea = [await platform.user(e, "alpha") for e in ("ann@asks.test", "bea@asks.test")]
             async with httpx.AsyncClient(base_url=url0, timeout=60) as http:
 
                 async def known() -> bool:

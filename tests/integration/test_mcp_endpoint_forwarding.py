@@ -21,14 +21,11 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import MCPError
 from mcp_types import BlobResourceContents, PromptReference, TextResourceContents
 
-from contracts.commands.identity import CreateUser, UserCreated
+from contracts.commands.identity import UserCreated
 from contracts.events.mcp import UpstreamRequestCompleted
-from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus
-from services.kit.rpc import CommandClient
-from services.mcp_proxy.bootstrap import build as proxy_build
-from tests.helpers import OPERATOR, eventually, http_upstream, running, stream_envelopes
-from tests.integration.mcp_world import MODERN, bearer, platform_settings, replica, served
+from tests.helpers import eventually, http_upstream, stream_envelopes
+from tests.integration.mcp_world import MODERN, bearer, platform_settings, real_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -68,19 +65,9 @@ async def stack(
         platform_settings(tmp_path_factory, postgres_server) as settings,
     ):
         env.setenv("GATEHOUSE_MCP_ALLOW_PRIVATE", "127.0.0.1")  # the HTTP fixture is on loopback
-        async with (
-            running(identity_build, settings, "identity") as bus,
-            running(proxy_build, settings, "mcp_proxy"),
-            replica(settings) as (app, _),
-            served(app) as url,
-        ):
-            client = CommandClient(bus)
-            ann, bea = [
-                await client.call(
-                    "identity", "create_user", CreateUser(meta=OPERATOR, email=e, org="alpha"), UserCreated
-                )
-                for e in ("ann@forward.test", "bea@forward.test")
-            ]
+        async with real_proxy(settings) as platform:
+            (app,), (url,), bus = platform.apps, platform.urls, platform.bus
+            ann, bea = [await platform.user(e, "alpha") for e in ("ann@forward.test", "bea@forward.test")]
             async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://gh", timeout=60
             ) as http:

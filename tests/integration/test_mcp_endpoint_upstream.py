@@ -23,13 +23,10 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp_types import LoggingMessageNotificationParams
 
-from contracts.commands.identity import CreateUser, UserCreated
-from services.identity.bootstrap import build as identity_build
-from services.kit.rpc import CommandClient
-from services.mcp_proxy.bootstrap import build as proxy_build
+from contracts.commands.identity import UserCreated
 from services.secrets.bootstrap import build as secrets_build
-from tests.helpers import OPERATOR, eventually, running
-from tests.integration.mcp_world import bearer, platform_settings, replica, served
+from tests.helpers import eventually
+from tests.integration.mcp_world import bearer, platform_settings, real_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -49,20 +46,9 @@ class Stack:
 async def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> AsyncIterator[Stack]:
     master = "k1:" + base64.b64encode(os.urandom(32)).decode()
     with platform_settings(tmp_path_factory, postgres_server, GATEHOUSE_MASTER_KEYS=master) as settings:
-        async with (
-            running(identity_build, settings, "identity") as bus,
-            running(secrets_build, settings, "secrets"),
-            running(proxy_build, settings, "mcp_proxy"),
-            replica(settings) as (app, _),
-            served(app) as url,
-        ):
-            client = CommandClient(bus)
-            ann, bea = [
-                await client.call(
-                    "identity", "create_user", CreateUser(meta=OPERATOR, email=e, org="alpha"), UserCreated
-                )
-                for e in ("ann@upstream.test", "bea@upstream.test")
-            ]
+        async with real_proxy(settings, also=((secrets_build, "secrets"),)) as platform:
+            (app,), (url,) = platform.apps, platform.urls
+            ann, bea = [await platform.user(e, "alpha") for e in ("ann@upstream.test", "bea@upstream.test")]
             async with httpx.AsyncClient(
                 transport=httpx.ASGITransport(app=app), base_url="http://gh"
             ) as http:

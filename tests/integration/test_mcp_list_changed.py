@@ -18,15 +18,12 @@ import pytest
 import uvicorn
 from litestar import Litestar
 
-from contracts.commands.identity import CreateUser, UserCreated
+from contracts.commands.identity import UserCreated
 from services.gateway.adapters.http import mcp_listen
 from services.gateway.bootstrap import GatewayServer
-from services.identity.bootstrap import build as identity_build
 from services.kit.config import Settings
-from services.kit.rpc import CommandClient
-from services.mcp_proxy.bootstrap import build as proxy_build
-from tests.helpers import OPERATOR, eventually, running
-from tests.integration.mcp_world import MODERN, bearer, platform_settings, replica, served
+from tests.helpers import eventually
+from tests.integration.mcp_world import MODERN, bearer, platform_settings, real_proxy, replica
 
 pytestmark = pytest.mark.integration
 
@@ -51,24 +48,12 @@ class Stack:
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, postgres_server: str) -> AsyncIterator[Stack]:
     with platform_settings(tmp_path_factory, postgres_server) as settings:
-        async with (
-            running(identity_build, settings, "identity") as bus,
-            running(proxy_build, settings, "mcp_proxy"),
-            replica(settings) as (app0, _),
-            replica(settings) as (app1, _),
-            served(app0) as url0,
-            served(app1) as url1,
-        ):
-            client = CommandClient(bus)
-
-            async def create(email: str, org: str, is_admin: bool = False) -> UserCreated:
-                request = CreateUser(meta=OPERATOR, email=email, org=org, is_admin=is_admin)
-                return await client.call("identity", "create_user", request, UserCreated)
-
-            ann = await create("ann@alpha.test", "alpha")
-            bea = await create("bea@alpha.test", "alpha")
-            ada = await create("ada@alpha.test", "alpha", is_admin=True)
-            bob = await create("bob@beta.test", "beta")
+        async with real_proxy(settings, replicas=2) as platform:
+            (app0, app1), (url0, url1) = platform.apps, platform.urls
+            ann = await platform.user("ann@alpha.test", "alpha")
+            bea = await platform.user("bea@alpha.test", "alpha")
+            ada = await platform.user("ada@alpha.test", "alpha", is_admin=True)
+            bob = await platform.user("bob@beta.test", "beta")
             transports = [httpx.ASGITransport(app=app) for app in (app0, app1)]
             async with (
                 httpx.AsyncClient(transport=transports[0], base_url="http://gh") as h0,
