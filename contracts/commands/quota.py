@@ -36,6 +36,10 @@ class Reservation(msgspec.Struct, kw_only=True, omit_defaults=True):
     period_start: datetime | None = None  # calls only
     sentence: str | None = None  # set when refused: show it to the human / the agent
     retry_after_s: int | None = None  # set when refused: seconds before trying again makes sense
+    # Set on a granted call of a user whose calls are unlimited: for this many seconds the
+    # caller may run that user's calls (at this tier) without a hold and report each one that
+    # reached its upstream with RecordUsage afterwards (docs/quota.md, "Unmetered calls").
+    unmetered_for_s: float | None = None
 
 
 class Commit(msgspec.Struct, kw_only=True):
@@ -60,6 +64,30 @@ class Settled(msgspec.Struct, kw_only=True):
 
     changed: bool
     state: State | None  # None: no such reservation
+
+
+class Use(msgspec.Struct, kw_only=True):
+    """One call that reached its upstream without a hold: charge it. Idempotent per key."""
+
+    user_id: str
+    org_id: str
+    key: str  # the tool call's request id
+
+
+class RecordUsage(msgspec.Struct, kw_only=True):
+    """Charges calls made without a hold (unmetered users), many per message.
+
+    Answered once every charge is recorded. A key already charged changes nothing; a key
+    still held is committed. Uses of a user the quota service does not know are skipped.
+    """
+
+    meta: CommandMeta
+    uses: list[Use]
+
+
+class UsageReceipt(msgspec.Struct, kw_only=True):
+    recorded: int  # uses that charged something (the others were charged before)
+    unknown_users: list[str] = msgspec.field(default_factory=list)
 
 
 class GetQuota(msgspec.Struct, kw_only=True):

@@ -51,6 +51,9 @@ class UsageRecorded(msgspec.Struct, kw_only=True):
     reserved_at: datetime
     recorded_at: datetime
     version: int = 2  # of the reservation
+    # False: an unmetered call charged without a hold; this event opens and closes its
+    # reservation (reserved_at = recorded_at), no `reserved` event precedes it.
+    held: bool = True
 
 
 class Released(msgspec.Struct, kw_only=True):

@@ -95,8 +95,12 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     slots = ServerQuota(CommandClient(bus)) if proxy.quota else None  # the server limit (docs/quota.md)
     registry = Registry(store, proxy.spec_policy(), proxy.registry_ttl_s, upstreams, slots=slots)
     secrets = RevealingSecrets(CommandClient(bus), proxy.secret_ttl_s)
-    if quota is None:
-        quota = QuotaService(CommandClient(bus)) if proxy.quota else AllowAll()
+    usage: list[Component] = []
+    if quota is None and proxy.quota:
+        quota = QuotaService(CommandClient(bus))
+        usage.append(quota)  # its sender charges unmetered calls; stopped after the upstreams
+    elif quota is None:
+        quota = AllowAll()
     calls = Calls(registry, secrets, upstreams, quota, recorder, tables, proxy, notices=BusNotices(bus))
     projection = ProjectionConsumer(
         bus=bus,
@@ -119,6 +123,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
         relay,
         recorder,
         changes,
+        *usage,
         upstreams,
         PromptStop(projection),
         Feeds(bus, registry, secrets),

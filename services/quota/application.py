@@ -23,6 +23,7 @@ from services.quota.domain import (
     Account,
     Decision,
     Fact,
+    Invalid,
     Kind,
     Ledger,
     Refused,
@@ -155,6 +156,34 @@ class Quota:
         await self._enter()
         settled = self.ledger.release(user_id, key, reason, self.clock())
         return await self._settle(settled, meta)
+
+    async def record_usage(self, uses: list[tuple[str, str, str]], meta: Meta) -> tuple[int, list[str]]:
+        """Charges (user, org, key) calls made without a hold; recorded before it returns.
+
+        Returns how many charged something, and the users nobody knows (their uses skipped).
+        """
+        accounts: list[tuple[Account, str]] = []
+        unknown: list[str] = []
+        for user_id, org_id, key in uses:
+            try:
+                accounts.append((await self._account(user_id, org_id), key))
+            except UnknownUser:
+                unknown.append(user_id)
+        await self._enter()
+        entries: list[Entry] = []
+        changed = 0
+        now = self.clock()
+        for account, key in accounts:
+            try:
+                settled = self.ledger.record_use(account, key, now)
+            except Invalid as err:  # a key bound to a build or server: one bad use, not the batch
+                log.warning("usage of %s by %s not recorded: %s", key, account.user_id, err)
+                continue
+            if settled.changed:
+                changed += 1
+                entries += self._entries(settled.facts, settled.reservation, meta, account.org_id)
+        await (self.journal.submit(entries) if entries else self.journal.barrier())
+        return changed, unknown
 
     async def usage(self, user_id: str, org_id: str) -> Usage:
         if not self.serving:

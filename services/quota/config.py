@@ -21,6 +21,8 @@ class QuotaSettings(msgspec.Struct, kw_only=True):
     tiers: dict[str, Limits]
     period: PeriodKind
     reservation_timeout: timedelta
+    # How long mcp_proxy may run an unlimited user's calls without a hold (0: never).
+    unmetered_grant_s: float = 30.0
 
     def table(self) -> TierTable:
         return TierTable(self.tiers)
@@ -78,8 +80,16 @@ def load_quota_settings(env: dict[str, str] | None = None) -> QuotaSettings:
         ) from None
     if not 0 < timeout <= 86400:
         raise ConfigError("GATEHOUSE_QUOTA_RESERVATION_TIMEOUT_S must be between 0 and 86400 seconds")
+    raw_grant = env.get("GATEHOUSE_QUOTA_UNMETERED_GRANT_S", "30")
+    try:
+        grant = float(raw_grant)
+    except ValueError:
+        raise ConfigError(f"GATEHOUSE_QUOTA_UNMETERED_GRANT_S must be a number, got {raw_grant!r}") from None
+    if not 0 <= grant <= 3600:
+        raise ConfigError("GATEHOUSE_QUOTA_UNMETERED_GRANT_S must be between 0 and 3600 seconds")
     return QuotaSettings(
         tiers=parse_tiers(env.get("GATEHOUSE_QUOTA_TIERS")),
         period=period,  # type: ignore[arg-type]
         reservation_timeout=timedelta(seconds=timeout),
+        unmetered_grant_s=grant,
     )

@@ -55,12 +55,22 @@ def stdio_spec(name: str = "echo", **env: Any) -> cmd.ServerSpec:
     return cmd.ServerSpec(name=name, transport="stdio", command=sys.executable, args=[ECHO], env=env)
 
 
-def upstream_pids() -> list[int]:
+def upstream_pids(under: Path | None = None) -> list[int]:
+    """Test upstreams alive now; with `under`, only those working in that directory (a test's
+    own: mcp_proxy starts each in its user's home there, and their children inherit it)."""
     pids = []
     for proc in psutil.process_iter(["cmdline"]):
         cmdline = " ".join(proc.info["cmdline"] or [])
-        if "tests/upstreams" in cmdline and proc.status() != psutil.STATUS_ZOMBIE:
-            pids.append(proc.pid)
+        if "tests/upstreams" not in cmdline:
+            continue
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            if under is not None and not Path(proc.cwd()).is_relative_to(under):
+                continue
+        except psutil.Error:  # gone meanwhile
+            continue
+        pids.append(proc.pid)
     return pids
 
 
@@ -72,10 +82,11 @@ def gone(pid: int) -> bool:
 
 
 @pytest.fixture(autouse=True)
-def no_orphans() -> Iterator[None]:
-    before = set(upstream_pids())
+def no_orphans(tmp_path: Path) -> Iterator[None]:
+    """Whatever this test's mcp_proxy started is gone when it ends (other runs on the machine
+    are not counted)."""
     yield
-    leftover = set(upstream_pids()) - before
+    leftover = set(upstream_pids(tmp_path))
     for pid in leftover:  # fail, but do not leave them behind either
         psutil.Process(pid).kill()
     assert not leftover, f"upstream processes survived the test: {leftover}"

@@ -63,6 +63,8 @@ class QuotaExceeded(Exception):
 class Reservation(msgspec.Struct, frozen=True):
     request_id: str
     user_id: str
+    org_id: str = ""
+    held: bool = True  # False: an unmetered user's call, charged after it reached the upstream
 
 
 class QuotaGate(Protocol):

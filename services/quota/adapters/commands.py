@@ -40,7 +40,11 @@ async def _run(work: Awaitable[T]) -> T:
         raise refuse(503, "Service unavailable", str(err), code="quota_unavailable") from None
 
 
-def reservation_view(d: Decision) -> cmd.Reservation:
+MAX_USES = 1000  # per RecordUsage message
+
+
+def reservation_view(d: Decision, unmetered_grant_s: float = 0.0) -> cmd.Reservation:
+    unmetered = d.granted and d.kind == "call" and d.limit is None and unmetered_grant_s > 0
     return cmd.Reservation(
         granted=d.granted,
         reservation_id=d.reservation.reservation_id if d.reservation else None,
@@ -52,6 +56,7 @@ def reservation_view(d: Decision) -> cmd.Reservation:
         period_start=d.period_start,
         sentence=d.sentence,
         retry_after_s=d.retry_after_s,
+        unmetered_for_s=unmetered_grant_s if unmetered else None,
     )
 
 
@@ -84,7 +89,14 @@ def report_view(done: Rebuilt, differences: list[str] | None = None) -> cmd.Quot
 def routes(server: CommandServer, quota: Quota, sources: dict[str, Source]) -> None:
     async def reserve(c: cmd.Reserve) -> cmd.Reservation:
         decision = await _run(quota.reserve(c.user_id, c.org_id, c.kind, c.key, c.amount, meta_dict(c.meta)))
-        return reservation_view(decision)
+        return reservation_view(decision, quota.settings.unmetered_grant_s)
+
+    async def record_usage(c: cmd.RecordUsage) -> cmd.UsageReceipt:
+        if len(c.uses) > MAX_USES:
+            raise refuse(400, "Invalid request", f"At most {MAX_USES} uses per message, got {len(c.uses)}.")
+        uses = [(u.user_id, u.org_id, u.key) for u in c.uses]
+        recorded, unknown = await _run(quota.record_usage(uses, meta_dict(c.meta)))
+        return cmd.UsageReceipt(recorded=recorded, unknown_users=unknown)
 
     async def commit(c: cmd.Commit) -> cmd.Settled:
         return settled_view(await _run(quota.commit(c.user_id, c.key, meta_dict(c.meta))))
@@ -124,6 +136,7 @@ def routes(server: CommandServer, quota: Quota, sources: dict[str, Source]) -> N
         "reserve": (cmd.Reserve, reserve),
         "commit": (cmd.Commit, commit),
         "release": (cmd.Release, release),
+        "record_usage": (cmd.RecordUsage, record_usage),
         "get": (cmd.GetQuota, get),
         "digest": (cmd.GetDigest, digest),
         "rebuild": (cmd.Rebuild, rebuild),

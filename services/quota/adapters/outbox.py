@@ -1,10 +1,13 @@
 """Which recorded quota events become public facts, and in what shape.
 
 A committed call is published as `quota.usage_recorded` (the billing record, one per
-charged call); a committed build slot or server as `quota.committed`. Writer seals stay
+charged call), and so is an unmetered call charged without a hold (`held: false`: that one
+event opens and charges its reservation); a committed build slot or server as
+`quota.committed`. Writer seals stay
 internal.
 """
 
+from datetime import datetime
 from typing import Any
 
 import msgspec
@@ -18,6 +21,8 @@ _SERVICE_META: dict[str, Any] = {"actor": {"kind": "service", "id": "quota"}}
 
 def _payload(e: Any) -> msgspec.Struct | None:
     rid = str(e.originator_id)
+    if isinstance(e, ReservationEvents.Reserved) and e.charged:  # an unmetered call
+        return _usage(e, rid, e.timestamp, held=False)
     if isinstance(e, ReservationEvents.Reserved):
         return ev.Reserved(
             reservation_id=rid,
@@ -34,19 +39,7 @@ def _payload(e: Any) -> msgspec.Struct | None:
         )
     if isinstance(e, ReservationEvents.Committed):
         if e.kind == "call":
-            return ev.UsageRecorded(
-                usage_id=rid,
-                key=e.key,
-                user_id=e.user_id,
-                org_id=e.org_id,
-                kind=e.kind,
-                amount=e.amount,
-                tier=e.tier,
-                period_start=e.period_start,
-                reserved_at=e.reserved_at,
-                recorded_at=e.timestamp,
-                version=e.originator_version,
-            )
+            return _usage(e, rid, e.reserved_at, held=True)
         return ev.Committed(
             reservation_id=rid,
             key=e.key,
@@ -83,6 +76,24 @@ def _payload(e: Any) -> msgspec.Struct | None:
             key=e.key,
         )
     return None
+
+
+def _usage(e: Any, rid: str, reserved_at: datetime, held: bool) -> ev.UsageRecorded:
+    """The billing record of a charged call (a commit, or an unmetered call's one fact)."""
+    return ev.UsageRecorded(
+        usage_id=rid,
+        key=e.key,
+        user_id=e.user_id,
+        org_id=e.org_id,
+        kind=e.kind,
+        amount=e.amount,
+        tier=e.tier,
+        period_start=e.period_start,
+        reserved_at=reserved_at,
+        recorded_at=e.timestamp,
+        version=e.originator_version,
+        held=held,
+    )
 
 
 def translate(event: Any) -> Outgoing | None:

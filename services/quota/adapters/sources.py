@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+from datetime import datetime
 
 import msgspec
 from nats.errors import TimeoutError as NatsTimeout
@@ -55,19 +56,9 @@ class StoreSource:
 def fact_from_stream(envelope: Envelope) -> Fact | None:
     payload = decode_payload(envelope)
     if isinstance(payload, ev.Reserved):
-        return Reserved(
-            reservation_id=payload.reservation_id,
-            version=payload.version,
-            key=payload.key,
-            user_id=payload.user_id,
-            org_id=payload.org_id,
-            kind=payload.kind,  # type: ignore[arg-type]
-            amount=payload.amount,
-            tier=payload.tier,
-            period_start=payload.period_start,
-            at=payload.reserved_at,
-            expires_at=payload.expires_at,
-        )
+        return _opened(payload, payload.reservation_id, payload.expires_at, charged=False)
+    if isinstance(payload, ev.UsageRecorded) and not payload.held:  # an unmetered call
+        return _opened(payload, payload.usage_id, None, charged=True)
     if isinstance(payload, ev.UsageRecorded):
         return Committed(reservation_id=payload.usage_id, version=payload.version, at=payload.recorded_at)
     if isinstance(payload, ev.Committed):
@@ -133,3 +124,22 @@ class StreamSource:
                     return
         finally:
             await sub.unsubscribe()
+
+
+def _opened(
+    payload: ev.Reserved | ev.UsageRecorded, rid: str, expires_at: datetime | None, charged: bool
+) -> Reserved:
+    return Reserved(
+        reservation_id=rid,
+        version=payload.version,
+        key=payload.key,
+        user_id=payload.user_id,
+        org_id=payload.org_id,
+        kind=payload.kind,  # type: ignore[arg-type]
+        amount=payload.amount,
+        tier=payload.tier,
+        period_start=payload.period_start,
+        at=payload.reserved_at,
+        expires_at=expires_at,
+        charged=charged,
+    )

@@ -46,6 +46,7 @@ class ReservationEvents:
         period_start: datetime
         expires_at: datetime | None
         meta: Meta
+        charged: bool = False  # an unmetered call, charged without a hold (ledger.record_use)
 
     @dataclass(frozen=True)
     class Committed(DomainEvent):
@@ -110,6 +111,7 @@ def recordable(fact: Fact, reservation: Reservation | None, meta: Meta) -> Domai
             period_start=fact.period_start,
             expires_at=fact.expires_at,
             meta=meta,
+            charged=fact.charged,
         )
     if isinstance(fact, Refused):
         return RefusalEvents.Recorded(
@@ -175,6 +177,7 @@ def fact_of(event: Any) -> Fact | None:
             period_start=event.period_start,
             at=event.timestamp,
             expires_at=event.expires_at,
+            charged=event.charged,
         )
     if isinstance(event, ReservationEvents.Committed):
         return Committed(

@@ -14,7 +14,9 @@ Rules:
   whose reservation was released may be reserved again (a new hold, the next version);
 - commit or release of an unknown or settled reservation changes nothing;
 - held calls and held servers not settled within the timeout are released as "expired";
-  build slots are held until released.
+  build slots are held until released;
+- a call of a tier with unlimited calls may be charged after it ran, without a hold
+  (`record_use`): one fact opens and charges it, once per key.
 """
 
 import heapq
@@ -72,6 +74,7 @@ class Reserved(msgspec.Struct, frozen=True, kw_only=True):
     period_start: datetime
     at: datetime
     expires_at: datetime | None = None
+    charged: bool = False  # an unmetered call: reserved and charged in one fact, never held
 
 
 class Committed(msgspec.Struct, frozen=True, kw_only=True):
@@ -254,22 +257,8 @@ class Ledger:
         used = self.used(account.user_id, kind, now)
         if limit is not None and used + amount > limit:
             return self._refuse(account, kind, key, amount, used, limit, now)
-        rid = self._next_id(account.user_id, key, kind, start, existing)
-        prior = self.reservations.get(rid)
-        fact = Reserved(
-            reservation_id=rid,
-            version=prior.version + 1 if prior is not None else 1,
-            key=key,
-            user_id=account.user_id,
-            org_id=account.org_id,
-            kind=kind,
-            amount=amount,
-            tier=account.tier,
-            period_start=start,
-            at=now,
-            expires_at=now + self.timeout if kind in EXPIRING_KINDS else None,
-        )
-        self.apply(fact)
+        fact = self._open(account, kind, key, amount, now, existing)
+        rid = fact.reservation_id
         return Decision(
             granted=True,
             state="held",
@@ -281,6 +270,56 @@ class Ledger:
             reservation=self.reservations[rid],
             facts=[fact],
         )
+
+    def record_use(self, account: Account, key: str, now: datetime) -> Settlement:
+        """Charges a call that already reached its upstream without a hold (unmetered users).
+
+        No limit is checked: the call happened. The key is charged once: a held key is
+        committed, a committed one changes nothing, otherwise one fact opens and charges it.
+        """
+        check_key(key)
+        existing = self._keys.get((account.user_id, key))
+        if existing is not None and existing.state != "released":
+            if existing.kind != "call":
+                raise Invalid(f"The key {key!r} already names a {existing.kind} reservation.")
+            if existing.state == "held":
+                return self.commit(account.user_id, key, now)
+            return Settlement(changed=False, state=existing.state, reservation=existing)
+        fact = self._open(account, "call", key, 1, now, existing, charged=True)
+        found = self.reservations[fact.reservation_id]
+        return Settlement(changed=True, state="committed", reservation=found, facts=[fact])
+
+    def _open(
+        self,
+        account: Account,
+        kind: Kind,
+        key: str,
+        amount: int,
+        now: datetime,
+        existing: Reservation | None,
+        charged: bool = False,
+    ) -> Reserved:
+        """Applies and returns the fact of a new hold (or, `charged`, of a call charged at once)."""
+        start = period_start(now, self.period)
+        rid = self._next_id(account.user_id, key, kind, start, existing)
+        prior = self.reservations.get(rid)
+        held = not charged and kind in EXPIRING_KINDS
+        fact = Reserved(
+            reservation_id=rid,
+            version=prior.version + 1 if prior is not None else 1,
+            key=key,
+            user_id=account.user_id,
+            org_id=account.org_id,
+            kind=kind,
+            amount=amount,
+            tier=account.tier,
+            period_start=start,
+            at=now,
+            expires_at=now + self.timeout if held else None,
+            charged=charged,
+        )
+        self.apply(fact)
+        return fact
 
     def _next_id(
         self, user_id: str, key: str, kind: Kind, start: datetime, released: Reservation | None
@@ -444,6 +483,7 @@ class Ledger:
             period_start=fact.period_start,
             reserved_at=fact.at,
             expires_at=fact.expires_at,
+            state="committed" if fact.charged else "held",
         )
         self.reservations[fact.reservation_id] = reservation
         self._keys[(fact.user_id, fact.key)] = reservation
@@ -451,6 +491,12 @@ class Ledger:
             balance = self.calls.get((fact.user_id, fact.period_start))
             if balance is None:
                 balance = self.calls[(fact.user_id, fact.period_start)] = CallBalance()
+            if fact.charged:
+                balance.charged += fact.amount
+                self.charged_total += fact.amount
+                self.users.add(fact.user_id)
+                self.reserved_total += 1
+                return
             balance.held += fact.amount
         else:
             slot = (fact.user_id, fact.kind)
