@@ -60,7 +60,9 @@ ARGS = b'{"text":"hello gatehouse"}'
 TARGET_ADDED_P50_MS = 1.0
 TARGET_CPU_US = 500.0
 TARGET_THROUGHPUT = 0.5
-PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "--format=raw", "-r250"]
+# --gil: only threads holding the GIL are sampled, so waits (epoll, PostgreSQL) do not show.
+PY_SPY = [str(Path(sys.executable).parent / "py-spy"), "record", "--nonblocking", "--gil", "--format=raw"]
+PY_SPY += ["-r250"]
 _rpc = msgspec.json.Decoder(dict[str, object])
 
 

@@ -216,7 +216,7 @@ class ProjectionConsumer:
             durable_name=self.name,
             deliver_policy=DeliverPolicy.BY_START_SEQUENCE if position else DeliverPolicy.ALL,
             opt_start_seq=position + 1 if position else None,
-            ack_policy=AckPolicy.EXPLICIT,
+            ack_policy=AckPolicy.ALL,  # a batch commits as one: acking its last message acks it
             ack_wait=30,
             max_deliver=self.max_deliver,
             max_ack_pending=self.batch,
@@ -303,8 +303,8 @@ class ProjectionConsumer:
                 await asyncio.sleep(backoff)
                 return
         self.applied += len(msgs)
-        for msg in msgs:
-            await msg.ack()
+        if msgs:
+            await msgs[-1].ack()  # AckPolicy.ALL: one ack for the whole batch
 
     async def _catch_up(self, renewed_at: float) -> float:
         """Applies what the stream holds beyond the position in large batches (no consumer
