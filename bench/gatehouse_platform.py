@@ -126,7 +126,10 @@ class Platform:
 
     @classmethod
     @contextmanager
-    def up(cls, timeout: float = 180.0, keep_dir: bool = False) -> Iterator["Platform"]:
+    def up(
+        cls, timeout: float = 180.0, keep_dir: bool = False, env: dict[str, str] | None = None
+    ) -> Iterator["Platform"]:
+        """`gatehouse up` in a temporary data dir; `env` adds settings (GATEHOUSE_QUOTA_TIERS, ...)."""
         data_dir = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
         port = free_port()
         process = subprocess.Popen(
@@ -135,7 +138,7 @@ class Platform:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             text=True,
-            env=clean_env(),
+            env=clean_env() | (env or {}),
             preexec_fn=_stop_with_parent(signal.SIGINT),
             start_new_session=True,  # a Ctrl-C at the terminal reaches us, not it: we stop it
         )

@@ -293,7 +293,7 @@ async def measure(args: argparse.Namespace, platform: Platform, upstream_url: st
     keys = []
     for i in range(21):
         user = await admin_post(
-            url, admin, "/v1/admin/users", {"email": f"bench-{i}@example.com", "tier": "enterprise"}
+            url, admin, "/v1/admin/users", {"email": f"bench-{i}@example.com", "tier": args.tier}
         )
         keys.append(str(user["api_key"]))
     await asyncio.sleep(0.5)  # new keys reach the gateway's view through the stream
@@ -390,7 +390,7 @@ def report(
     ratio = tput_gateway / tput_direct
     print(
         "\ntools/call echo: direct (Streamable HTTP upstream) vs Gatehouse /mcp (stdio upstream), "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores, callers on the {args.tier} tier"
     )
     print(f"{'':22}{'p50 ms':>9}{'p99 ms':>9}{'mean ms':>9}{'c=16 calls/s':>14}")
     paths = (("direct", lat_direct, tput_direct), ("through Gatehouse", lat_gateway, tput_gateway))
@@ -427,7 +427,15 @@ def main() -> None:
     parser.add_argument("--n16", type=int, default=10000, help="calls per path at concurrency 16")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds at concurrency 1")
     parser.add_argument("--profile", type=Path, help="py-spy (raw folded stacks) of each service at c=16")
+    parser.add_argument(
+        "--tier",
+        choices=("enterprise", "team"),
+        default="enterprise",
+        help="the callers' tier: enterprise has unlimited calls (charged after each call, no hold); "
+        "team holds a unit before each call (its limit raised so the bench never runs out)",
+    )
     args = parser.parse_args()
+    extra = {"GATEHOUSE_QUOTA_TIERS": '{"team": {"calls": 100000000}}'} if args.tier == "team" else {}
     print(speed_line(), flush=True)
     port = free_port()
     upstream = subprocess.Popen(
@@ -439,7 +447,7 @@ def main() -> None:
         preexec_fn=_stop_with_parent(signal.SIGTERM),
     )
     try:
-        with Platform.up() as platform:
+        with Platform.up(env=extra) as platform:
             run(measure(args, platform, f"http://127.0.0.1:{port}"))
     finally:
         upstream.terminate()

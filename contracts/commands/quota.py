@@ -66,19 +66,26 @@ class Settled(msgspec.Struct, kw_only=True):
     state: State | None  # None: no such reservation
 
 
-class Use(msgspec.Struct, kw_only=True):
-    """One call that reached its upstream without a hold: charge it. Idempotent per key."""
+class Use(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One call that reached its upstream: charge it. Idempotent per key.
+
+    `held`: the call held a unit (Reserve): commit it, exactly like Commit (a no-op when it
+    was settled or expired). Otherwise it ran without a hold (an unmetered user).
+    """
 
     user_id: str
     org_id: str
     key: str  # the tool call's request id
+    held: bool = False
 
 
 class RecordUsage(msgspec.Struct, kw_only=True):
-    """Charges calls made without a hold (unmetered users), many per message.
+    """Charges calls that reached their upstream, many per message (mcp_proxy sends them in
+    batches after the calls answered): held ones are committed, unmetered ones charged.
 
-    Answered once every charge is recorded. A key already charged changes nothing; a key
-    still held is committed. Uses of a user the quota service does not know are skipped.
+    Answered once every charge is recorded. A key already charged changes nothing; an
+    unmetered use of a key still held commits it. Unmetered uses of a user the quota
+    service does not know are skipped and named.
     """
 
     meta: CommandMeta

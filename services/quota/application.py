@@ -157,14 +157,18 @@ class Quota:
         settled = self.ledger.release(user_id, key, reason, self.clock())
         return await self._settle(settled, meta)
 
-    async def record_usage(self, uses: list[tuple[str, str, str]], meta: Meta) -> tuple[int, list[str]]:
-        """Charges (user, org, key) calls made without a hold; recorded before it returns.
+    async def record_usage(self, uses: list[tuple[str, str, str, bool]], meta: Meta) -> tuple[int, list[str]]:
+        """Charges (user, org, key, held) calls that reached their upstream; recorded before it
+        returns. A held one is committed; the others were made without a hold (unmetered).
 
         Returns how many charged something, and the users nobody knows (their uses skipped).
         """
-        accounts: list[tuple[Account, str]] = []
+        accounts: list[tuple[Account | str, str]] = []
         unknown: list[str] = []
-        for user_id, org_id, key in uses:
+        for user_id, org_id, key, held in uses:
+            if held:
+                accounts.append((user_id, key))
+                continue
             try:
                 accounts.append((await self._account(user_id, org_id), key))
             except UnknownUser:
@@ -173,15 +177,19 @@ class Quota:
         entries: list[Entry] = []
         changed = 0
         now = self.clock()
-        for account, key in accounts:
+        for who, key in accounts:
             try:
-                settled = self.ledger.record_use(account, key, now)
+                if isinstance(who, str):
+                    settled = self.ledger.commit(who, key, now)
+                else:
+                    settled = self.ledger.record_use(who, key, now)
             except Invalid as err:  # a key bound to a build or server: one bad use, not the batch
-                log.warning("usage of %s by %s not recorded: %s", key, account.user_id, err)
+                log.warning("usage of %s not recorded: %s", key, err)
                 continue
             if settled.changed:
                 changed += 1
-                entries += self._entries(settled.facts, settled.reservation, meta, account.org_id)
+                owner = settled.reservation.org_id if settled.reservation else None
+                entries += self._entries(settled.facts, settled.reservation, meta, owner)
         await (self.journal.submit(entries) if entries else self.journal.barrier())
         return changed, unknown
 

@@ -154,8 +154,25 @@ async def test_usage_recorded_again_is_charged_once_and_unknown_users_are_named(
     used = q.RecordUsage(meta=op(), uses=[q.Use(user_id=big.user_id, org_id=big.org_id, key="u-4")])
     assert (await stack.client.call("quota", "record_usage", used, q.UsageReceipt)).recorded == 1  # committed
     assert await calls_used(stack, big) == 3
-    limited = q.Reserve(meta=op(), user_id=stack.free.user_id, org_id=big.org_id, kind="call", key="f-1")
-    assert (await stack.client.call("quota", "reserve", limited, q.Reservation)).unmetered_for_s is None
+    free = stack.free
+    for key in ("f-1", "f-2"):
+        limited = q.Reserve(meta=op(), user_id=free.user_id, org_id=free.org_id, kind="call", key=key)
+        assert (await stack.client.call("quota", "reserve", limited, q.Reservation)).unmetered_for_s is None
+    release = q.Release(meta=op(), user_id=free.user_id, key="f-2")
+    assert (await stack.client.call("quota", "release", release, q.Settled)).changed
+    # Held uses commit like Commit: once, and never a key that is unknown or was released.
+    held_uses = [
+        q.Use(user_id=free.user_id, org_id=free.org_id, key=k, held=True) for k in ("f-1", "f-2", "f-9")
+    ]
+    settled = await stack.client.call(
+        "quota", "record_usage", q.RecordUsage(meta=op(), uses=held_uses), q.UsageReceipt
+    )
+    assert settled.recorded == 1
+    again = await stack.client.call(
+        "quota", "record_usage", q.RecordUsage(meta=op(), uses=held_uses), q.UsageReceipt
+    )
+    assert again.recorded == 0
+    assert await calls_used(stack, free) == 1
 
 
 async def test_a_downgrade_is_enforced_on_the_next_call(stack: Stack) -> None:

@@ -1,10 +1,12 @@
-"""The quota gate over the quota service (`cmd.quota.reserve|commit|release|record_usage`).
+"""The quota gate over the quota service (`cmd.quota.reserve|release|record_usage`).
 
 Enabled with GATEHOUSE_MCP_QUOTA=on (docs/mcp.md); without it mcp_proxy lets every call
 through (AllowAll). A reservation is keyed by the call's request id, so a retried request
-is charged once. Commit and release are sent after the reply has gone back (they are
-idempotent, and an unsettled reservation expires on its own). The quota service
-unreachable means no call: `reserve` fails with 503.
+is charged once. Charges and releases are sent after the reply has gone back (they are
+idempotent, and an unsettled reservation expires on its own): a call that reached its
+upstream is charged in the next `record_usage` message (many calls each, every 20 ms), a
+hold that never reached it is released at once. The quota service unreachable means no
+call: `reserve` fails with 503.
 
 Unmetered users (a tier with unlimited calls): the quota service answers their reservation
 with `unmetered_for_s`. For that long, that user's calls at that tier skip the hold (no
@@ -23,7 +25,7 @@ import time
 
 from contracts.commands.common import CommandMeta
 from contracts.commands.mcp import Caller
-from contracts.commands.quota import Commit, RecordUsage, Release, Reserve, Settled, UsageReceipt, Use
+from contracts.commands.quota import RecordUsage, Release, Reserve, Settled, UsageReceipt, Use
 from contracts.commands.quota import Reservation as QuotaReservation
 from contracts.envelope import Actor
 from services.kit.rpc import CommandClient, CommandFailed
@@ -81,17 +83,14 @@ class QuotaService:
         return Reservation(request_id, caller.user_id, caller.org_id)
 
     async def commit(self, reservation: Reservation) -> None:
-        if not reservation.held:
-            self._use(reservation)
-            return
-        self._later("commit", Commit(meta=META, user_id=reservation.user_id, key=reservation.request_id))
+        self._use(reservation)  # held or not: charged in the next usage message
 
     async def release(self, reservation: Reservation) -> None:
         if reservation.held:  # an unmetered call that never reached its upstream holds nothing
             release = Release(meta=META, user_id=reservation.user_id, key=reservation.request_id)
             self._later("release", release)
 
-    def _later(self, verb: str, request: Commit | Release) -> None:
+    def _later(self, verb: str, request: Release) -> None:
         async def settle() -> None:
             try:
                 await self.client.call("quota", verb, request, Settled, timeout=self.timeout_s)
@@ -105,7 +104,7 @@ class QuotaService:
     # -- charging unmetered calls ---------------------------------------------------------
     def _use(self, reservation: Reservation) -> None:
         r = reservation
-        self._uses.append(Use(user_id=r.user_id, org_id=r.org_id, key=r.request_id))
+        self._uses.append(Use(user_id=r.user_id, org_id=r.org_id, key=r.request_id, held=r.held))
         if len(self._uses) > MAX_PENDING:
             del self._uses[0]
             self.dropped += 1

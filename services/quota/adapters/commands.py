@@ -94,7 +94,7 @@ def routes(server: CommandServer, quota: Quota, sources: dict[str, Source]) -> N
     async def record_usage(c: cmd.RecordUsage) -> cmd.UsageReceipt:
         if len(c.uses) > MAX_USES:
             raise refuse(400, "Invalid request", f"At most {MAX_USES} uses per message, got {len(c.uses)}.")
-        uses = [(u.user_id, u.org_id, u.key) for u in c.uses]
+        uses = [(u.user_id, u.org_id, u.key, u.held) for u in c.uses]
         recorded, unknown = await _run(quota.record_usage(uses, meta_dict(c.meta)))
         return cmd.UsageReceipt(recorded=recorded, unknown_users=unknown)
 
