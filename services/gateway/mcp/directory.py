@@ -41,6 +41,7 @@ class Catalog:
 
 
 _encoder = msgspec.json.Encoder()
+MetaSource = Callable[[], CommandMeta]  # the command meta, made only if a fetch needs it
 
 
 def build_catalog(reply: ToolCatalog, scope: str | None, now: float) -> Catalog:
@@ -74,7 +75,7 @@ class ToolDirectory:
         self._pending: dict[tuple[str, str | None], asyncio.Task[Catalog]] = {}
 
     async def catalog(
-        self, caller: Caller, meta: CommandMeta, scope: str | None, fresh: bool = False
+        self, caller: Caller, meta: MetaSource, scope: str | None, fresh: bool = False
     ) -> Catalog:
         key = (caller.user_id, scope)
         cached = self._cache.get(key)
@@ -82,7 +83,7 @@ class ToolDirectory:
             return cached
         fetch = self._pending.get(key)
         if fetch is None:  # else someone is fetching it already: share their answer
-            fetch = asyncio.create_task(self._fetch(key, ListTools(meta=meta, caller=caller, server=scope)))
+            fetch = asyncio.create_task(self._fetch(key, ListTools(meta=meta(), caller=caller, server=scope)))
             self._pending[key] = fetch
             fetch.add_done_callback(_retrieve)
         return await asyncio.shield(fetch)  # a caller that goes away does not cancel the others
@@ -102,7 +103,7 @@ class ToolDirectory:
         return catalog
 
     async def resolve(
-        self, caller: Caller, meta: CommandMeta, scope: str | None, name: str
+        self, caller: Caller, meta: MetaSource, scope: str | None, name: str
     ) -> tuple[str, str]:
         """(server, upstream tool) for a name a client called; INVALID_PARAMS if there is none."""
         if scope is not None:

@@ -206,7 +206,7 @@ class Exchange:
         if memoryview(arguments)[:1] != b"{":
             raise p.ProtocolError(p.INVALID_PARAMS, "`arguments` must be a JSON object.")
         caller = caller_of(ctx.principal)
-        server, tool = await self.directory.resolve(caller, ctx.meta(), ctx.scope, params.name)
+        server, tool = await self.directory.resolve(caller, ctx.meta, ctx.scope, params.name)
         request_id = str(uuid.uuid4())
         listener = ctx.listener if self.listen is not None else None
         token = level = None
@@ -219,7 +219,7 @@ class Exchange:
             if self._can_ask(ctx):
                 features = list(ctx.client_features)
         command = CallTool(
-            meta=ctx.meta(),  # its own: the RPC client stamps each command's deadline on its meta
+            meta=ctx.meta(),  # the RPC client stamps the command's deadline on a copy
             caller=caller,
             request_id=request_id,
             server=server,
@@ -344,7 +344,7 @@ class Exchange:
                 )
             offset = decoded
         try:
-            catalog = await self.directory.catalog(caller_of(ctx.principal), ctx.meta(), ctx.scope)
+            catalog = await self.directory.catalog(caller_of(ctx.principal), ctx.meta, ctx.scope)
         except CommandFailed as refused:
             raise _protocol_error(refused.problem) from None
         if ctx.scope is not None and ctx.scope in catalog.errors:
@@ -367,7 +367,7 @@ class Exchange:
         for a few seconds, which also warms tools/list). -32602 for a server the caller lacks."""
         assert ctx.scope is not None
         try:
-            catalog = await self.directory.catalog(caller_of(ctx.principal), ctx.meta(), ctx.scope)
+            catalog = await self.directory.catalog(caller_of(ctx.principal), ctx.meta, ctx.scope)
         except CommandFailed as refused:
             raise _protocol_error(refused.problem) from None
         return catalog.features.get(ctx.scope, _NO_FEATURES)  # none while it cannot be listed

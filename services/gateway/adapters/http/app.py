@@ -4,6 +4,7 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.types import Receive, Scope, Send
 
 from services.gateway.adapters.http import (
     admin,
@@ -19,10 +20,24 @@ from services.gateway.adapters.http import (
 )
 from services.gateway.adapters.http.auth import AuthMiddleware
 from services.gateway.adapters.http.mcp_asgi import NO_HTTP_SPAN_PATHS
+from services.gateway.adapters.http.mcp_fast import McpFastLane, endpoint_of
 from services.gateway.adapters.http.problems import HANDLERS
 from services.gateway.adapters.identity_feed import IdentityFeed
 from services.gateway.adapters.mcp_face import McpFace
 from services.gateway.application import Gateway
+
+
+class GatewayApp(Litestar):
+    """Litestar, with the MCP tool-call lane in front of its routing (mcp_fast.py)."""
+
+    lane: McpFastLane | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:  # type: ignore[override]
+        if self.lane is not None:
+            fast, server = endpoint_of(scope)
+            if fast:
+                return await self.lane(scope, receive, send, server, super().__call__)
+        await super().__call__(scope, receive, send)
 
 
 def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Litestar:
@@ -41,7 +56,7 @@ def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Lit
         security=[{"bearer": []}, {"apiKeyHeader": []}],
     )
     auth = AuthMiddleware(gateway)
-    app = Litestar(
+    app = GatewayApp(
         route_handlers=[
             health.health,
             health.ready,
@@ -76,4 +91,5 @@ def create_app(gateway: Gateway, feed: IdentityFeed, max_body_bytes: int) -> Lit
     app.state.feed = feed
     app.state.auth_failures = auth.failures  # stopped (flushed) by bootstrap.serve
     app.state.mcp = McpFace(gateway)
+    app.lane = McpFastLane(app, gateway)
     return app
