@@ -137,12 +137,15 @@ class AuditStore:
         """Which of these entry ids the trail already holds."""
         if not ids:
             return set()
+        # Never a prepared statement: its generic plan, made while the trail was small, was a
+        # sequential scan, kept as the trail grew (every batch then read the whole table).
         joined = "\n".join(ids)  # one text parameter: a list of 2,000 is slow to adapt
         if joined.count("\n") == len(ids) - 1:
             query = "SELECT id FROM {s}.entries WHERE id = ANY(string_to_array(%s, E'\\n'))"
-            cur = await conn.execute(self._sql(query), [joined])
+            cur = await conn.execute(self._sql(query), [joined], prepare=False)
         else:  # an id holds a newline
-            cur = await conn.execute(self._sql("SELECT id FROM {s}.entries WHERE id = ANY(%s)"), [list(ids)])
+            query = "SELECT id FROM {s}.entries WHERE id = ANY(%s)"
+            cur = await conn.execute(self._sql(query), [list(ids)], prepare=False)
         return {str(r[0]) for r in await cur.fetchall()}
 
     async def write_entries(self, conn: Conn, entries: Iterable[Entry]) -> None:
