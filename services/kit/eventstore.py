@@ -4,9 +4,9 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, StoredEvent
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.sql import SQL, Identifier
+from psycopg.sql import SQL, Composed, Identifier
 
 from services.kit.config import Settings
 
@@ -67,3 +67,31 @@ def retrying(decide_and_save: Callable[[], T], attempts: int = 5) -> T:
         except IntegrityError:
             continue
     return decide_and_save()
+
+
+def insert_stored_events(schema: str, table: str) -> Composed:
+    """One INSERT of a batch of stored events, its columns as the four `array_literals`;
+    returns each row's notification id."""
+    return SQL(
+        "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
+        "SELECT * FROM unnest(%s::text::uuid[], %s::text::bigint[], %s::text::text[], %s::text::bytea[]) "
+        "RETURNING notification_id"
+    ).format(Identifier(schema), Identifier(table))
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def array_literals(stored: list[StoredEvent]) -> list[str]:
+    """The four columns as PostgreSQL array literals (text), cast to their types in the statement.
+
+    psycopg adapts a Python list element by element in Python; for a batch of a few dozen
+    rows that was a third of the write's CPU. Joined strings cost about half as much.
+    """
+    return [
+        "{" + ",".join(str(s.originator_id) for s in stored) + "}",
+        "{" + ",".join(str(s.originator_version) for s in stored) + "}",
+        "{" + ",".join(_quoted(s.topic) for s in stored) + "}",
+        "{" + ",".join('"\\\\x' + s.state.hex() + '"' for s in stored) + "}",
+    ]

@@ -15,6 +15,7 @@ from services.kit.outbox import OutboxRelay
 from services.kit.projection import LIVE_LINGER_S, ProjectionConsumer
 from services.kit.rpc import CommandClient, CommandServer
 from services.mcp_proxy.adapters.commands import CancelListener, routes
+from services.mcp_proxy.adapters.fact_writer import FactWriter
 from services.mcp_proxy.adapters.feeds import Feeds
 from services.mcp_proxy.adapters.notices import BusNotices
 from services.mcp_proxy.adapters.outbox import translate
@@ -86,7 +87,8 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     outbox = OutboxRelay(SCHEMA, store, bus, translate)
     store.on_saved = outbox.nudge
     relay = PromptStop(outbox, quiet=lambda: setattr(store, "on_saved", lambda: None))
-    recorder = Recorder(store, proxy.record_batch, proxy.record_interval_ms / 1000)
+    facts = FactWriter(store, url)
+    recorder = Recorder(facts.write, proxy.record_batch, proxy.record_interval_ms / 1000)
     changes = ToolChanges(bus)  # an upstream's own tools/list_changed, told to the gateway
     upstreams = UpstreamRouter(
         StdioPool(proxy, settings.instance, recorder.process, changes.changed),
@@ -121,6 +123,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     return [
         tables,
         relay,
+        facts,
         recorder,
         changes,
         *usage,

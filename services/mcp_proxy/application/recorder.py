@@ -2,8 +2,9 @@
 
 eventsourcing commits about a thousand single-event transactions a second here, far below
 the call rate a gateway must sustain, so the hot path only appends a small record and
-replies; this recorder saves what accumulated every `interval` (or as soon as `batch`
-records wait) in one transaction, and the outbox relay publishes them from the store.
+replies; this recorder turns what accumulated every `interval` (or as soon as `batch`
+records wait) into the aggregates' events and hands them to `write` (adapters/fact_writer.py:
+one transaction on the event loop), and the outbox relay publishes them from the store.
 
 The trade-off: a crash loses the records of the last few milliseconds (the calls were
 answered, their events never recorded). Quota is not affected in a way users could
@@ -16,15 +17,14 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
-from eventsourcing.domain import Aggregate
+from eventsourcing.domain import Aggregate, DomainEvent
 
 from contracts.commands.common import CommandMeta
 from services.kit.tasks import stop_task
-from services.mcp_proxy.application.store import ProxyStore
 from services.mcp_proxy.domain.calls import CallRecord, ProcessRecord, ToolCall, UpstreamProcess
 from services.mcp_proxy.domain.requests import RequestRecord, UpstreamRequest
 
@@ -40,18 +40,18 @@ def event_meta(meta: CommandMeta) -> dict[str, Any]:
 
 
 Record = CallRecord | ProcessRecord | RequestRecord
+Write = Callable[[Sequence[DomainEvent]], Awaitable[None]]
 
 
 class Recorder:
-    def __init__(self, store: ProxyStore, batch: int, interval_s: float, max_queue: int = 200_000) -> None:
-        self.store, self.batch, self.interval_s, self.max_queue = store, batch, interval_s, max_queue
+    def __init__(self, write: Write, batch: int, interval_s: float, max_queue: int = 200_000) -> None:
+        self.write, self.batch, self.interval_s, self.max_queue = write, batch, interval_s, max_queue
         self.saved = 0
         self.dropped = 0
         self._queue: deque[Record] = deque()
         self._wake = asyncio.Event()
         self._started: dict[str, ProcessRecord] = {}  # Started saved, Stopped not yet
         self._task: asyncio.Task[None] | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mcp-recorder")
 
     # -- the hot path's side ---------------------------------------------------------------
     def call(self, record: CallRecord) -> None:
@@ -88,7 +88,6 @@ class Recorder:
         with contextlib.suppress(Exception):
             while self._queue:  # a last flush; PostgreSQL away means these are lost
                 await self._flush()
-        self._executor.shutdown(wait=True)
 
     _busy = False
 
@@ -124,15 +123,19 @@ class Recorder:
         batch = [queue.popleft() for _ in range(min(len(queue), self.batch))]
         self._busy = True
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self._save, batch)
+            events = self._events(batch)
+            if events:
+                await self.write(events)
         except BaseException:
             queue.extendleft(reversed(batch))  # kept, in order, for the next attempt
             raise
         finally:
             self._busy = False
+        self._remember(batch)
         self.saved += len(batch)
 
-    def _save(self, batch: list[Record]) -> None:
+    def _events(self, batch: list[Record]) -> list[DomainEvent]:
+        """The batch's facts as the events of their aggregates (changes nothing here)."""
         aggregates: list[Aggregate] = []
         processes: dict[str, UpstreamProcess] = {}
         for record in batch:
@@ -152,7 +155,11 @@ class Recorder:
                     agg.collect_events()  # its Started event is already saved
                     processes[record.token] = agg
                 agg.stop(record.reason)
-        self.store.record([*aggregates, *processes.values()])
+        events: list[Any] = [e for agg in (*aggregates, *processes.values()) for e in agg.collect_events()]
+        return events
+
+    def _remember(self, batch: list[Record]) -> None:
+        """Which processes have a saved Started and no Stopped yet (their stop needs it)."""
         for record in batch:
             if isinstance(record, ProcessRecord):
                 if record.reason is None:

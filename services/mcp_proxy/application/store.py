@@ -1,17 +1,16 @@
 """mcp_proxy's event store: server catalogs, tool calls and upstream processes.
 
 Synchronous (eventsourcing); call it from a worker thread. Catalog changes are saved one
-at a time (rare, and a conflict must reach the caller). Call and process facts are saved
-by the recorder in batches, many per transaction.
+at a time (rare, and a conflict must reach the caller). Call and process facts go into the
+same table in batches, through the recorder and adapters/fact_writer.py.
 """
 
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from eventsourcing.application import AggregateNotFoundError, Application
-from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import IntegrityError
 
 from contracts.commands.mcp import Scope, ServerSpec
@@ -78,7 +77,3 @@ class ProxyStore(Application[uuid.UUID]):
             return entry
 
         return retrying(attempt)
-
-    # -- facts, in batches ------------------------------------------------------------------
-    def record(self, aggregates: Iterable[Aggregate]) -> None:
-        self.save(*aggregates)
