@@ -43,6 +43,7 @@ from contracts.events import event_type_of
 from contracts.subjects import STREAM, event_subject, service_events
 from services.kit import failpoints, telemetry
 from services.kit.bus import Bus
+from services.kit.ids import uuid5_text
 from services.kit.lease import Lease
 from services.kit.tasks import stop_task
 
@@ -73,7 +74,7 @@ class _Message(NamedTuple):
 
 def event_id_for(notification: Notification) -> str:
     """Stable across re-reads of the store: the same recorded event always gets the same id."""
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{notification.originator_id}:{notification.originator_version}"))
+    return uuid5_text(EVENT_NAMESPACE, f"{notification.originator_id}:{notification.originator_version}")
 
 
 def envelope_for(notification: Notification, occurred_at: datetime, out: Outgoing) -> Envelope:

@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
+from services.kit.ids import uuid5_text
 from services.quota.domain.limits import (
     KINDS,
     Invalid,
@@ -52,7 +53,7 @@ EXPIRING_KINDS = frozenset({"call", "server"})
 def reservation_id(user_id: str, key: str, period: str = "") -> str:
     """The aggregate id of a new reservation: a call's names its period, so that a key reused
     after its old reservation was forgotten (pruned) can never collide with it."""
-    return str(uuid.uuid5(NAMESPACE, f"{user_id}\n{key}\n{period}"))
+    return uuid5_text(NAMESPACE, f"{user_id}\n{key}\n{period}")
 
 
 class Account(msgspec.Struct, frozen=True):
