@@ -112,12 +112,6 @@ class QuotaService:
                 log.error("unmetered calls are being dropped uncharged: the quota service is not answering")
         self._wake.set()
 
-    async def flushed(self, timeout: float = 10.0) -> None:
-        """Waits until every use so far has been delivered (tests, benches)."""
-        async with asyncio.timeout(timeout):
-            while self._uses or self._wake.is_set():
-                await asyncio.sleep(0.01)
-
     async def _send_uses(self) -> None:
         backoff = 0.2
         while True:
