@@ -3,9 +3,8 @@
 `QuotaGate` is the seam for issue 5 (quota): `reserve` runs before anything reaches an
 upstream and may raise `QuotaExceeded` (the gateway answers 429 over HTTP and an
 `isError` tool result over MCP); `commit` runs after a call that reached the upstream,
-`release` after one that did not. The default lets everything through. The monthly ledger
-itself is the quota service's projection of `ToolCallCompleted` events (`reached_upstream`
-says whether to charge); quota plugs in by providing a gate that asks it synchronously.
+`release` after one that did not. The default lets everything through; adapters/quota.py
+asks the quota service, which keeps the ledger (docs/quota.md).
 """
 
 from collections.abc import Mapping
