@@ -179,10 +179,7 @@ class Quota:
         now = self.clock()
         for who, key in accounts:
             try:
-                if isinstance(who, str):
-                    settled = self.ledger.commit(who, key, now)
-                else:
-                    settled = self.ledger.record_use(who, key, now)
+                settled = self._charge(who, key, now)
             except Invalid as err:  # a key bound to a build or server: one bad use, not the batch
                 log.warning("usage of %s not recorded: %s", key, err)
                 continue
@@ -192,6 +189,15 @@ class Quota:
                 entries += self._entries(settled.facts, settled.reservation, meta, owner)
         await (self.journal.submit(entries) if entries else self.journal.barrier())
         return changed, unknown
+
+    def _charge(self, who: Account | str, key: str, now: datetime) -> Settlement:
+        """A held call (`who` a user id) is committed; an unmetered one charged at once."""
+        if isinstance(who, Account):
+            return self.ledger.record_use(who, key, now)
+        found = self.ledger.find(who, key)
+        if found is not None and found.kind != "call":
+            raise Invalid(f"The key {key!r} names a {found.kind} reservation, not a call.")
+        return self.ledger.commit(who, key, now)
 
     async def usage(self, user_id: str, org_id: str) -> Usage:
         if not self.serving:

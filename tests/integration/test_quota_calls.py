@@ -160,9 +160,11 @@ async def test_usage_recorded_again_is_charged_once_and_unknown_users_are_named(
         assert (await stack.client.call("quota", "reserve", limited, q.Reservation)).unmetered_for_s is None
     release = q.Release(meta=op(), user_id=free.user_id, key="f-2")
     assert (await stack.client.call("quota", "release", release, q.Settled)).changed
-    # Held uses commit like Commit: once, and never a key that is unknown or was released.
+    # Held uses commit like Commit: once, and never a key that is unknown, was released or
+    # names something else than a call (the server the user registered).
     held_uses = [
-        q.Use(user_id=free.user_id, org_id=free.org_id, key=k, held=True) for k in ("f-1", "f-2", "f-9")
+        q.Use(user_id=free.user_id, org_id=free.org_id, key=k, held=True)
+        for k in ("f-1", "f-2", "f-9", "server:user:echo")
     ]
     settled = await stack.client.call(
         "quota", "record_usage", q.RecordUsage(meta=op(), uses=held_uses), q.UsageReceipt
