@@ -1,13 +1,14 @@
 """mcp_proxy's store mapper: msgspec for the per-call facts, readable alongside older rows."""
 
 import uuid
-from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 from eventsourcing.persistence import Mapper
 
 from services.mcp_proxy.application.store import ProxyMapper, ProxyStore
-from services.mcp_proxy.domain.calls import CallRecord, ProcessRecord, ToolCall, UpstreamProcess
+from services.mcp_proxy.domain.calls import ProcessRecord, ToolCall, UpstreamProcess
+from tests.unit.mcp_facts import call_record
 
 pytestmark = pytest.mark.unit
 
@@ -17,24 +18,9 @@ def store() -> ProxyStore:
     return ProxyStore(env={"PERSISTENCE_MODULE": "eventsourcing.popo"})
 
 
-def completed() -> object:
-    record = CallRecord(
-        request_id="r-1",
-        user_id="u-1",
-        org_id="o-1",
-        server="echo",
-        tool_name="echo",
-        status="error",
-        duration_ms=2.5,
-        arguments_sha256="0" * 64,
-        arguments_bytes=2,
-        result_bytes=0,
-        reached_upstream=False,
-        started_at=datetime(2026, 11, 21, 12, 0, tzinfo=UTC),
-        error="The server 'echo' could not be started: ünïcode.",
-        meta={"actor": {"kind": "user", "id": "u-1"}, "correlation_id": "c"},
-    )
-    return ToolCall.of(record).collect_events()[0]
+def completed() -> Any:
+    failed = call_record(status="error", reached_upstream=False, error="could not start: ünïcode")
+    return ToolCall.of(failed).collect_events()[0]
 
 
 def test_a_tool_call_fact_round_trips_through_msgspec(store: ProxyStore) -> None:

@@ -2,13 +2,13 @@
 
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from services.mcp_proxy.application.recorder import Recorder
-from services.mcp_proxy.domain.calls import CallRecord, ProcessRecord
+from services.mcp_proxy.domain.calls import ProcessRecord
+from tests.unit.mcp_facts import call_record
 
 pytestmark = pytest.mark.unit
 
@@ -26,25 +26,6 @@ class Store:
         self.batches.append(list(events))
 
 
-def call(request_id: str) -> CallRecord:
-    return CallRecord(
-        request_id=request_id,
-        user_id="u-1",
-        org_id="o-1",
-        server="echo",
-        tool_name="echo",
-        status="success",
-        duration_ms=1.5,
-        arguments_sha256="0" * 64,
-        arguments_bytes=2,
-        result_bytes=10,
-        reached_upstream=True,
-        started_at=datetime.now(UTC),
-        error=None,
-        meta={"actor": {"kind": "user", "id": "u-1"}, "correlation_id": "c"},
-    )
-
-
 def process(token: str, reason: str | None = None) -> ProcessRecord:
     return ProcessRecord(
         token=token, server="echo", user_id="u-1", org_id="o-1", pid=42, node="n", reason=reason
@@ -59,7 +40,7 @@ async def test_a_batch_becomes_the_events_of_its_aggregates() -> None:
     store = Store()
     recorder = Recorder(store.write, batch=100, interval_s=0.0)
     token = str(uuid.uuid4())
-    recorder.call(call("r-1"))
+    recorder.call(call_record("r-1"))
     recorder.process(process(token))
     recorder.process(process(token, "idle"))  # started and stopped within one batch
     await recorder._flush()
@@ -81,7 +62,7 @@ async def test_a_stop_in_a_later_batch_continues_the_process_and_a_failed_write_
     recorder.process(process(token))
     await recorder._flush()
     recorder.process(process(token, "crashed"))
-    recorder.call(call("r-2"))
+    recorder.call(call_record("r-2"))
     store.fail = True
     with pytest.raises(ConnectionError):
         await recorder._flush()
