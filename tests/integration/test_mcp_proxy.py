@@ -525,6 +525,9 @@ class Gate:
         self.allowed = allowed
         self.log: list[tuple[str, str]] = []
 
+    def granted(self, caller: cmd.Caller, request_id: str) -> Reservation | None:
+        return None  # every call asks
+
     async def reserve(self, caller: cmd.Caller, request_id: str, server: str, tool: str) -> Reservation:
         if self.allowed <= 0:
             raise QuotaExceeded(

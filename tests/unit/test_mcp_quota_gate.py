@@ -75,7 +75,10 @@ async def test_an_unlimited_user_holds_once_then_runs_calls_without_a_hold() -> 
     quota = Quota()
     gate = QuotaService(quota, usage_interval_s=0.01)  # type: ignore[arg-type]
     await gate.start()
+    assert gate.granted(BIG, "c-0") is None  # nothing known yet: the call must ask
     first = await gate.reserve(BIG, "c-1", "echo", "echo")
+    no_trip = gate.granted(BIG, "c-9")
+    assert no_trip is not None and not no_trip.held and no_trip.request_id == "c-9"
     rest = [await gate.reserve(BIG, f"c-{i}", "echo", "echo") for i in range(2, 6)]
     assert first.held and not any(r.held for r in rest)
     assert quota.verbs() == ["reserve"]  # one round trip for five calls

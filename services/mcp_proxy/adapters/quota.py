@@ -63,13 +63,20 @@ class QuotaService:
             log.error("%d unmetered calls were not charged: quota did not answer", len(self._uses))
 
     # -- the gate -----------------------------------------------------------------------
-    async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation:
+    def granted(self, caller: Caller, request_id: str) -> Reservation | None:
         grant = (caller.user_id, caller.tier)
         until = self._unmetered.get(grant)
-        if until is not None:
-            if until > time.monotonic():
-                return Reservation(request_id, caller.user_id, caller.org_id, held=False)
-            del self._unmetered[grant]
+        if until is None:
+            return None
+        if until > time.monotonic():
+            return Reservation(request_id, caller.user_id, caller.org_id, held=False)
+        del self._unmetered[grant]
+        return None
+
+    async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation:
+        found = self.granted(caller, request_id)
+        if found is not None:
+            return found
         request = Reserve(
             meta=META, user_id=caller.user_id, org_id=caller.org_id, kind="call", key=request_id
         )
@@ -79,7 +86,7 @@ class QuotaService:
         if answer.unmetered_for_s and answer.tier == caller.tier:
             if len(self._unmetered) > 100_000:
                 self._unmetered.clear()
-            self._unmetered[grant] = time.monotonic() + answer.unmetered_for_s
+            self._unmetered[(caller.user_id, caller.tier)] = time.monotonic() + answer.unmetered_for_s
         return Reservation(request_id, caller.user_id, caller.org_id)
 
     async def commit(self, reservation: Reservation) -> None:

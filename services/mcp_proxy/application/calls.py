@@ -26,6 +26,7 @@ from services.mcp_proxy.application.ports import (
     Notices,
     QuotaExceeded,
     QuotaGate,
+    Reservation,
     SecretResolver,
     ServerStatus,
     StatusBoard,
@@ -119,8 +120,15 @@ class Calls:
             )
         # The reservation travels while the call is prepared (secrets, process, tool list:
         # usually cache hits, a spawn on a cold start); nothing is sent upstream before it is
-        # granted, and a refusal outranks whatever the preparation found.
-        reserving = asyncio.ensure_future(self.quota.reserve(caller, c.request_id, c.server, c.tool))
+        # granted, and a refusal outranks whatever the preparation found. An unmetered user's
+        # grant needs no round trip (and no task).
+        granted = self.quota.granted(caller, c.request_id)
+        reserving: asyncio.Future[Reservation]
+        if granted is None:
+            reserving = asyncio.ensure_future(self.quota.reserve(caller, c.request_id, c.server, c.tool))
+        else:
+            reserving = asyncio.get_running_loop().create_future()
+            reserving.set_result(granted)
         try:
             ready = await call.prepare()
         except BaseException:

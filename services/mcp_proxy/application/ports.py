@@ -67,6 +67,10 @@ class Reservation(msgspec.Struct, frozen=True):
 
 
 class QuotaGate(Protocol):
+    def granted(self, caller: Caller, request_id: str) -> Reservation | None:
+        """A reservation that needs no round trip (an unmetered user's grant), else None."""
+        ...
+
     async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation: ...
     async def commit(self, reservation: Reservation) -> None: ...
     async def release(self, reservation: Reservation) -> None: ...
@@ -74,6 +78,9 @@ class QuotaGate(Protocol):
 
 class AllowAll:
     """The default gate until the quota service provides one."""
+
+    def granted(self, caller: Caller, request_id: str) -> Reservation | None:
+        return Reservation(request_id, caller.user_id)
 
     async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation:
         return Reservation(request_id, caller.user_id)
