@@ -10,17 +10,9 @@ from contracts.commands.common import Ping, Problem
 from services.kit.bus import Bus, connect
 from services.kit.config import load_settings
 from services.kit.rpc import CommandClient, CommandFailed, CommandServer, refuse
+from tests.integration.calc import Add, Sum, connected
 
 pytestmark = pytest.mark.integration
-
-
-class Add(msgspec.Struct, kw_only=True):
-    a: int
-    b: int
-
-
-class Sum(msgspec.Struct):
-    total: int
 
 
 class Reply(msgspec.Struct):
@@ -31,9 +23,8 @@ class Reply(msgspec.Struct):
 
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    bus = await connect(load_settings({"GATEHOUSE_NATS_URL": nats_url}), "test-rpc")
-    yield bus
-    await bus.close()
+    async with connected(nats_url, "test-rpc") as bus:
+        yield bus
 
 
 @pytest.fixture

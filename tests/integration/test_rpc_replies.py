@@ -9,7 +9,6 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import msgspec
 import pytest
 
 from services.kit.bus import Bus, connect
@@ -18,24 +17,15 @@ from services.kit.embedded import EmbeddedNats, free_port
 from services.kit.replies import replies
 from services.kit.rpc import CommandClient, CommandFailed, CommandServer
 from tests.helpers import eventually
+from tests.integration.calc import Add, Sum, connected
 
 pytestmark = pytest.mark.integration
 
 
-class Add(msgspec.Struct, kw_only=True):
-    a: int
-    b: int
-
-
-class Sum(msgspec.Struct):
-    total: int
-
-
 @pytest.fixture
 async def bus(nats_url: str) -> AsyncIterator[Bus]:
-    bus = await connect(load_settings({"GATEHOUSE_NATS_URL": nats_url}), "test-replies")
-    yield bus
-    await bus.close()
+    async with connected(nats_url, "test-replies") as bus:
+        yield bus
 
 
 @pytest.fixture
