@@ -23,6 +23,10 @@ class Reserve(msgspec.Struct, kw_only=True):
     kind: Kind
     key: str  # idempotency key: request id, build id, server registration key
     amount: int = 1
+    # A call's caller that can spend a lease (mcp_proxy) asks for one: when the user's
+    # allowance has room, the answer is a lease of several calls instead of a hold of this
+    # one (docs/quota.md, "Leases"); otherwise this call is held as usual.
+    lease: bool = False
 
 
 class Reservation(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -40,6 +44,13 @@ class Reservation(msgspec.Struct, kw_only=True, omit_defaults=True):
     # caller may run that user's calls (at this tier) without a hold and report each one that
     # reached its upstream with RecordUsage afterwards (docs/quota.md, "Unmetered calls").
     unmetered_for_s: float | None = None
+    # Set when a lease was granted instead of a hold (Reserve.lease): `lease_units` calls,
+    # this one included, may run without a hold each, for `lease_for_s` seconds; each that
+    # reached its upstream is reported as a Use naming `lease_key`, then the lease is
+    # returned (RecordUsage.returned) so its unspent units are freed.
+    lease_key: str | None = None
+    lease_units: int | None = None
+    lease_for_s: float | None = None
 
 
 class Commit(msgspec.Struct, kw_only=True):
@@ -77,6 +88,14 @@ class Use(msgspec.Struct, kw_only=True, omit_defaults=True):
     org_id: str
     key: str  # the tool call's request id
     held: bool = False
+    lease: str | None = None  # the lease key whose unit it spent (held is then false)
+
+
+class Returned(msgspec.Struct, kw_only=True):
+    """A lease its taker is done with: its unspent units are freed (after the uses before it)."""
+
+    user_id: str
+    key: str  # the lease key
 
 
 class RecordUsage(msgspec.Struct, kw_only=True):
@@ -90,6 +109,7 @@ class RecordUsage(msgspec.Struct, kw_only=True):
 
     meta: CommandMeta
     uses: list[Use]
+    returned: list[Returned] = msgspec.field(default_factory=list)  # applied after `uses`
 
 
 class UsageReceipt(msgspec.Struct, kw_only=True):

@@ -3,6 +3,9 @@
 Every balance can be rebuilt from these: `reserved` opens a reservation, `usage_recorded`
 (a call) or `committed` (a build slot or a server) confirms it, `released` closes it.
 `usage_recorded` is the billing record: exactly one per charged call; dedupe on `usage_id`.
+A `reserved` with `lease: true` holds `amount` calls that mcp_proxy runs without a hold
+each; each of them is a `usage_recorded` (`held: false`, `lease_id` the lease), and the
+lease's `released` frees what it did not spend (docs/quota.md, "Leases").
 """
 
 from datetime import datetime
@@ -22,6 +25,7 @@ class Reserved(msgspec.Struct, kw_only=True):
     reserved_at: datetime
     expires_at: datetime | None = None  # released as "expired" then, unless committed before
     version: int = 1  # of the reservation: a released key reserved again is version 3, 5, ...
+    lease: bool = False  # a lease of `amount` calls, spent by `usage_recorded` naming it
 
 
 class Committed(msgspec.Struct, kw_only=True):
@@ -54,6 +58,7 @@ class UsageRecorded(msgspec.Struct, kw_only=True):
     # False: an unmetered call charged without a hold; this event opens and closes its
     # reservation (reserved_at = recorded_at), no `reserved` event precedes it.
     held: bool = True
+    lease_id: str | None = None  # held false: the lease (reservation id) whose unit it spent
 
 
 class Released(msgspec.Struct, kw_only=True):

@@ -7,17 +7,26 @@ requests can never both take the last unit), then its facts are handed to the jo
 means "recorded": a crash loses no granted reservation. A repeated request that changes
 nothing still waits for whatever is being written, so it never reports a state that a
 crash could undo.
+
+Leases (docs/quota.md): a call reservation asked with `lease` may be answered with a lease
+of several calls, which mcp_proxy spends without asking for each. A call refused while the
+user's leases still hold unspent units waits (up to LEASE_WAIT_S past the use window) for
+those leases to come back and is decided again, so exactly the limit is granted however
+the units were spread.
 """
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import msgspec
 
+from contracts.commands.quota import Use
 from services.quota.config import QuotaSettings
 from services.quota.domain import (
     Account,
@@ -27,6 +36,7 @@ from services.quota.domain import (
     Kind,
     Ledger,
     Refused,
+    Released,
     Reservation,
     Settlement,
     Snapshot,
@@ -43,6 +53,7 @@ Entry = tuple[Fact, Reservation | None, Meta]
 SERVICE_META: Meta = {"actor": {"kind": "service", "id": "quota"}, "correlation_id": "quota-expiry"}
 RECHECK_EVERY_S = 1.0
 RECHECK_BURST = 3.0
+LEASE_WAIT_S = 2.0  # past the lease window: how long a refusal waits for leases to return
 
 
 class Unavailable(Exception):
@@ -105,9 +116,11 @@ class Quota:
         self._checked: dict[str, tuple[float, float]] = {}  # user -> (recheck tokens, at)
         self._unknown: dict[str, float] = {}  # user -> when identity last said "no such user"
         self._lookups: dict[str, asyncio.Future[Account | None]] = {}
+        self._leases_back = asyncio.Event()  # set (and replaced) when a lease is returned or expires
 
     def new_ledger(self) -> Ledger:
-        return Ledger(self.tiers, self.settings.period, self.settings.reservation_timeout)
+        s = self.settings
+        return Ledger(self.tiers, s.period, s.reservation_timeout, s.lease_timeout)
 
     def adopt(self, ledger: Ledger) -> None:
         """Starts serving from a ledger loaded from the store."""
@@ -129,15 +142,17 @@ class Quota:
 
     # -- commands ----------------------------------------------------------------------------
     async def reserve(
-        self, user_id: str, org_id: str, kind: Kind, key: str, amount: int, meta: Meta
+        self, user_id: str, org_id: str, kind: Kind, key: str, amount: int, meta: Meta, lease: bool = False
     ) -> Decision:
         account = await self._account(user_id, org_id)
         await self._enter()
-        decision = self.ledger.reserve(account, kind, key, amount, self.clock())
+        decision = self._decide(account, kind, key, amount, lease)
         if not decision.granted and await self._tier_moved(account):
             # The tier changed in identity and its event has not reached us yet: decide again.
             await self._enter()
-            decision = self.ledger.reserve(self.accounts[user_id], kind, key, amount, self.clock())
+            decision = self._decide(self.accounts[user_id], kind, key, amount, lease)
+        if not decision.granted and kind == "call" and self.ledger.unspent_leases(user_id, self.clock()):
+            decision = await self._after_leases(self.accounts.get(user_id, account), key, amount)
         entries = self._entries(decision.facts, decision.reservation, meta, account.org_id)
         if not decision.granted:
             self.journal.post(entries)  # the refusal is informative; nobody waits for it
@@ -146,6 +161,38 @@ class Quota:
         else:
             await self.journal.barrier()
         return decision
+
+    def _decide(self, account: Account, kind: Kind, key: str, amount: int, lease: bool) -> Decision:
+        """A lease when asked for and worth it (a new call key, room left), else a plain hold."""
+        now = self.clock()
+        unmetered = self.settings.unmetered_grant_s and self.tiers.limits(account.tier).calls is None
+        if lease and kind == "call" and amount == 1 and self.settings.lease_max and not unmetered:
+            found = self.ledger.find(account.user_id, key)
+            size = self.ledger.lease_size(account, now, self.settings.lease_max)
+            if size and (found is None or found.state == "released"):
+                return self.ledger.reserve(account, "call", f"lease:{uuid.uuid4()}", size, now, lease=True)
+        return self.ledger.reserve(account, kind, key, amount, now)
+
+    async def _after_leases(self, account: Account, key: str, amount: int) -> Decision:
+        """Decides a refused call again each time a lease comes back, while this user's leases
+        hold unspent units (they may be all that is left), for up to the lease window plus
+        LEASE_WAIT_S. Exactly the limit is granted, never less because units sat in a lease."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.lease_for_s + LEASE_WAIT_S
+        while True:
+            left = deadline - loop.time()
+            if left > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._leases_back.wait(), left)
+            await self._enter()
+            decision = self.ledger.reserve(account, "call", key, amount, self.clock())
+            waiting = self.ledger.unspent_leases(account.user_id, self.clock())
+            if decision.granted or not waiting or loop.time() >= deadline:
+                return decision
+
+    def _leases_returned(self) -> None:
+        self._leases_back.set()  # wakes every waiter; the next ones wait on a fresh event
+        self._leases_back = asyncio.Event()
 
     async def commit(self, user_id: str, key: str, meta: Meta) -> Settlement:
         await self._enter()
@@ -157,29 +204,32 @@ class Quota:
         settled = self.ledger.release(user_id, key, reason, self.clock())
         return await self._settle(settled, meta)
 
-    async def record_usage(self, uses: list[tuple[str, str, str, bool]], meta: Meta) -> tuple[int, list[str]]:
-        """Charges (user, org, key, held) calls that reached their upstream; recorded before it
-        returns. A held one is committed; the others were made without a hold (unmetered).
+    async def record_usage(
+        self, uses: list[Use], meta: Meta, returned: Sequence[tuple[str, str]] = ()
+    ) -> tuple[int, list[str]]:
+        """Charges calls that reached their upstream, then frees the unspent units of the
+        leases `returned` as (user, lease key); recorded before it returns. A held call is
+        committed; the others ran without a hold of their own (unmetered, or a lease's unit).
 
         Returns how many charged something, and the users nobody knows (their uses skipped).
         """
-        accounts: list[tuple[Account | str, str]] = []
+        accounts: list[tuple[Account | str, str, str | None]] = []
         unknown: list[str] = []
-        for user_id, org_id, key, held in uses:
-            if held:
-                accounts.append((user_id, key))
+        for use in uses:
+            if use.held:
+                accounts.append((use.user_id, use.key, None))
                 continue
             try:
-                accounts.append((await self._account(user_id, org_id), key))
+                accounts.append((await self._account(use.user_id, use.org_id), use.key, use.lease))
             except UnknownUser:
-                unknown.append(user_id)
+                unknown.append(use.user_id)
         await self._enter()
         entries: list[Entry] = []
         changed = 0
         now = self.clock()
-        for who, key in accounts:
+        for who, key, lease in accounts:
             try:
-                settled = self._charge(who, key, now)
+                settled = self._charge(who, key, now, lease)
             except Invalid as err:  # a key bound to a build or server: one bad use, not the batch
                 log.warning("usage of %s not recorded: %s", key, err)
                 continue
@@ -187,13 +237,21 @@ class Quota:
                 changed += 1
                 owner = settled.reservation.org_id if settled.reservation else None
                 entries += self._entries(settled.facts, settled.reservation, meta, owner)
+        for user_id, lease_key in returned:
+            found = self.ledger.find(user_id, lease_key)
+            if found is None or not found.lease:
+                continue  # not a lease (or forgotten): nothing to free
+            settled = self.ledger.release(user_id, lease_key, "returned", now)
+            entries += self._entries(settled.facts, settled.reservation, meta, found.org_id)
         await (self.journal.submit(entries) if entries else self.journal.barrier())
+        if returned:
+            self._leases_returned()
         return changed, unknown
 
-    def _charge(self, who: Account | str, key: str, now: datetime) -> Settlement:
-        """A held call (`who` a user id) is committed; an unmetered one charged at once."""
+    def _charge(self, who: Account | str, key: str, now: datetime, lease: str | None = None) -> Settlement:
+        """A held call (`who` a user id) is committed; an unheld one charged at once."""
         if isinstance(who, Account):
-            return self.ledger.record_use(who, key, now)
+            return self.ledger.record_use(who, key, now, lease)
         found = self.ledger.find(who, key)
         if found is not None and found.kind != "call":
             raise Invalid(f"The key {key!r} names a {found.kind} reservation, not a call.")
@@ -214,6 +272,8 @@ class Quota:
         if facts:
             found = self.ledger.reservations
             self.journal.post([(f, found.get(getattr(f, "reservation_id", "")), SERVICE_META) for f in facts])
+            if any(found[f.reservation_id].lease for f in facts if isinstance(f, Released)):
+                self._leases_returned()
         return len(facts)
 
     def prune(self) -> int:

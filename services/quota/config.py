@@ -15,6 +15,7 @@ from services.kit.config import ConfigError
 from services.quota.domain import DEFAULT_TIERS, Limits, PeriodKind, TierTable
 
 FIELDS = ("calls", "builds", "servers")
+LEASE_GRACE_S = 10.0  # after its use window: time for the last calls and uses to arrive
 
 
 class QuotaSettings(msgspec.Struct, kw_only=True):
@@ -23,9 +24,17 @@ class QuotaSettings(msgspec.Struct, kw_only=True):
     reservation_timeout: timedelta
     # How long mcp_proxy may run an unlimited user's calls without a hold (0: never).
     unmetered_grant_s: float = 30.0
+    # Leases (docs/quota.md): at most this many calls each (0: no leases), spent by mcp_proxy
+    # for `lease_for_s`; the quota service releases one not returned `LEASE_GRACE_S` later.
+    lease_max: int = 100
+    lease_for_s: float = 1.0
 
     def table(self) -> TierTable:
         return TierTable(self.tiers)
+
+    @property
+    def lease_timeout(self) -> timedelta:
+        return timedelta(seconds=self.lease_for_s + LEASE_GRACE_S)
 
 
 def _limit(tier: str, field: str, value: Any) -> int | None:
@@ -80,16 +89,27 @@ def load_quota_settings(env: dict[str, str] | None = None) -> QuotaSettings:
         ) from None
     if not 0 < timeout <= 86400:
         raise ConfigError("GATEHOUSE_QUOTA_RESERVATION_TIMEOUT_S must be between 0 and 86400 seconds")
-    raw_grant = env.get("GATEHOUSE_QUOTA_UNMETERED_GRANT_S", "30")
-    try:
-        grant = float(raw_grant)
-    except ValueError:
-        raise ConfigError(f"GATEHOUSE_QUOTA_UNMETERED_GRANT_S must be a number, got {raw_grant!r}") from None
-    if not 0 <= grant <= 3600:
-        raise ConfigError("GATEHOUSE_QUOTA_UNMETERED_GRANT_S must be between 0 and 3600 seconds")
     return QuotaSettings(
         tiers=parse_tiers(env.get("GATEHOUSE_QUOTA_TIERS")),
         period=period,  # type: ignore[arg-type]
         reservation_timeout=timedelta(seconds=timeout),
-        unmetered_grant_s=grant,
+        unmetered_grant_s=_number(env, "GATEHOUSE_QUOTA_UNMETERED_GRANT_S", 30.0, 0, 3600, "seconds"),
+        lease_max=int(_number(env, "GATEHOUSE_QUOTA_LEASE_MAX", 100, 0, 1000, "calls", whole=True)),
+        lease_for_s=_number(env, "GATEHOUSE_QUOTA_LEASE_S", 1.0, 0.01, 60, "seconds"),
     )
+
+
+def _number(
+    env: dict[str, str], name: str, default: float, low: float, high: float, unit: str, whole: bool = False
+) -> float:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw) if whole else float(raw)
+    except ValueError:
+        kind = "a whole number" if whole else "a number"
+        raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low:g} and {high:g} {unit}")
+    return value

@@ -190,3 +190,45 @@ async def test_a_downgrade_is_enforced_on_the_next_call(stack: Stack) -> None:
     await eventually(downgraded, timeout=15)
     refused = await execute(stack, stack.big, "after")  # 4 used of the free tier's 3
     assert refused.status_code == 429 and refused.json()["detail"] == SENTENCE, refused.text
+
+
+async def test_a_pro_user_spends_a_lease_that_goes_back_when_its_window_closes(stack: Stack) -> None:
+    pro = stack.free
+    await set_tier(stack.client, pro, "pro")
+
+    async def upgraded() -> bool:
+        me = await stack.http.get("/v1/me", headers=bearer(pro.api_key))
+        view = await stack.http.get("/v1/quota", headers=bearer(pro.api_key))
+        return me.json()["tier"] == "pro" and view.json()["tier"] == "pro"
+
+    await eventually(upgraded, timeout=15)
+    request_ids = []
+    for i in range(4):
+        answer = await execute(stack, pro, f"call {i}")
+        assert answer.status_code == 200 and answer.json()["status"] == "success", answer.text
+        request_ids.append(answer.json()["request_id"])
+
+    # A lease of (500 - 0) // 16 = 31 calls (another if the first call's cold start outlasted
+    # its 1 s window); the units not spent are not shown as used. Spent units are reported
+    # within the usage interval (20 ms).
+    async def four_used() -> bool:
+        return await calls_used(stack, pro) == 4
+
+    await eventually(four_used, timeout=5)
+    leases = [h for h in await quota_events(stack, "reserved", pro) if h.get("lease")]
+    assert leases and leases[0]["amount"] == 31
+    assert all(h["key"] not in request_ids and int(str(h["amount"])) >= 4 for h in leases)
+
+    async def spent_then_returned() -> bool:
+        charged = await quota_events(stack, "usage_recorded", pro)
+        returned = await quota_events(stack, "released", pro)
+        return len(charged) == 4 and [r["reason"] for r in returned] == ["returned"] * len(leases)
+
+    await eventually(spent_then_returned, timeout=15)  # each window (1 s) closed: returned
+    charged = await quota_events(stack, "usage_recorded", pro)
+    assert sorted(str(c["key"]) for c in charged) == sorted(request_ids)
+    assert {c["lease_id"] for c in charged} <= {h["reservation_id"] for h in leases}  # no call held alone
+    assert None not in {c["lease_id"] for c in charged}
+    assert await calls_used(stack, pro) == 4
+    report = await stack.client.call("quota", "verify", q.Verify(meta=op()), q.QuotaRebuildReport, timeout=60)
+    assert report.differences == [] and report.live.charged_calls == 4

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import msgspec
 import pytest
@@ -46,6 +47,7 @@ def op() -> CommandMeta:
     return CommandMeta(actor=OPERATOR.actor, correlation_id="test")
 
 
+T = TypeVar("T")
 SENTENCE = "Monthly quota exceeded (50 calls). Upgrade to Pro for 500 calls/month."
 Spawn = Callable[..., subprocess.Popen[bytes]]
 
@@ -141,6 +143,79 @@ async def test_exactly_limit_calls_succeed_across_two_gateway_processes(
     report = await rebuilt(client, "verify")
     assert report.differences == [] and report.live.digest == report.rebuilt.digest
     assert report.live.charged_calls == 50
+
+
+async def test_leases_grant_exactly_the_limit_across_two_gateway_processes(
+    settings: Settings, spawn_quota: Spawn, service_env: dict[str, str]
+) -> None:
+    """Two processes run calls through mcp_proxy's own gate: they spend leases, and at the
+    boundary a refusal waits for the other process's unspent units to come back."""
+    async with running(build_identity, settings, "identity") as bus:
+        client = CommandClient(bus)
+        spawn_quota(GATEHOUSE_QUOTA_TIERS='{"pro": {"calls": 400}}', GATEHOUSE_QUOTA_LEASE_S="0.5")
+        await wait_ready(bus, "quota")
+        user = await create_user(client, "leases@example.test", tier="pro")
+        start_at = str(time.time() + 4)
+        args = ("--count", "300", "--gate", "pro", "--start-at", start_at)
+        callers = [load_process(service_env, user, f"gw{n}", *args) for n in (1, 2)]
+        results = [await result_of(p) for p in callers]
+        granted = [k for r in results for k in r["granted"]]
+        refused = [k for r in results for k in r["refused"]]
+        assert (len(granted), len(refused)) == (400, 200)
+        leased = sum(cast(int, r["leased"]) for r in results)
+        assert leased > 200  # mostly spent from leases
+        assert {s for r in results for s in r["sentences"]} == {
+            "Monthly quota exceeded (400 calls). Upgrade to Team for 5000 calls/month."
+        }
+        view = await quota_view(client, user)
+        assert view.calls_used == 400  # every lease came back: nothing left held
+
+        async def leases() -> tuple[list[ev.Reserved], list[ev.UsageRecorded], list[ev.Released]]:
+            def of(found: list[Any], kind: type[T]) -> list[T]:
+                return [msgspec.json.decode(e.data, type=kind) for e in found]
+
+            reserved = of(await stream_envelopes(bus, "events.quota.reserved"), ev.Reserved)
+            usage = of(await stream_envelopes(bus, "events.quota.usage_recorded"), ev.UsageRecorded)
+            released = of(await stream_envelopes(bus, "events.quota.released"), ev.Released)
+            return [r for r in reserved if r.lease], usage, released
+
+        taken, usage, released = await leases()
+        assert taken and all(r.user_id == user.user_id and r.amount >= 4 for r in taken)
+        assert len(usage) == 400 and len({u.usage_id for u in usage}) == 400
+        assert {u.lease_id for u in usage if u.lease_id} <= {r.reservation_id for r in taken}
+        assert len([u for u in usage if u.lease_id]) == leased  # each spent a unit of its lease
+        assert {r.reservation_id for r in released} >= {r.reservation_id for r in taken}
+        report = await rebuilt(client, "verify")
+        assert report.differences == [] and report.live.charged_calls == 400
+
+
+async def test_a_refusal_waits_for_unspent_lease_units_to_come_back(
+    settings: Settings, spawn_quota: Spawn
+) -> None:
+    async with running(build_identity, settings, "identity") as bus:
+        client = CommandClient(bus)
+        spawn_quota(GATEHOUSE_QUOTA_TIERS='{"pro": {"calls": 100}}', GATEHOUSE_QUOTA_LEASE_S="5")
+        await wait_ready(bus, "quota")
+        user = await create_user(client, "waits@example.test", tier="pro")
+        for i in range(30):
+            assert (await reserve(client, user, f"plain-{i}")).granted
+        ask = q.Reserve(meta=op(), user_id=user.user_id, org_id=user.org_id, kind="call", key="x", lease=True)
+        lease = await client.call("quota", "reserve", ask, q.Reservation)
+        assert lease.granted and lease.lease_key and lease.lease_units == 4  # (100 - 30) // 16
+        assert lease.lease_for_s == 5.0 and lease.used == 34
+        for i in range(30, 96):
+            assert (await reserve(client, user, f"plain-{i}")).granted
+        waiting = asyncio.ensure_future(reserve(client, user, "after-the-lease"))
+        await asyncio.sleep(0.5)
+        assert not waiting.done()  # refused by the ledger, but 4 units sit unspent in a lease
+        spent = q.Use(user_id=user.user_id, org_id=user.org_id, key="x", lease=lease.lease_key)
+        back = q.Returned(user_id=user.user_id, key=lease.lease_key)
+        usage = q.RecordUsage(meta=op(), uses=[spent], returned=[back])
+        receipt = await client.call("quota", "record_usage", usage, q.UsageReceipt)
+        assert receipt.recorded == 1
+        answer = await waiting
+        assert answer.granted and answer.used == 98  # 96 holds, 1 spent lease unit, this one
+        assert (await quota_view(client, user)).calls_used == 98
 
 
 async def test_the_same_request_id_retried_is_charged_once(

@@ -54,17 +54,21 @@ def replayed(facts: list[Fact], limits: Limits | None = None) -> Ledger:
 # -- a model-checked history --------------------------------------------------------------
 KEYS = [f"k{i}" for i in range(8)]
 BIG = Account("u-3", "o-1", "enterprise")  # unlimited calls: its calls may be charged without a hold
-USERS = [Account("u-1", "o-1", "free"), Account("u-2", "o-2", "free"), BIG]
+LIMITED = [Account("u-1", "o-1", "free"), Account("u-2", "o-2", "free")]
+USERS = [*LIMITED, BIG]
+ACCOUNTS = {a.user_id: a for a in USERS}
 SMALL = Limits(calls=3, builds=1, servers=2)
 LIMITS = {"free": SMALL, "enterprise": DEFAULT_TIERS["enterprise"]}
+LEASE_TIMEOUT = timedelta(seconds=30)
 
 
 def machine_ledger() -> Ledger:
-    return Ledger(TierTable(LIMITS), "month", TIMEOUT)
+    return Ledger(TierTable(LIMITS), "month", TIMEOUT, LEASE_TIMEOUT)
 
 
 class LedgerMachine(RuleBasedStateMachine):
-    """Random reserve / commit / release / expire / clock moves, against a plain model."""
+    """Random reserve / commit / release / expire / clock moves, and leases taken, spent and
+    returned by limited users, against a plain model."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -74,18 +78,27 @@ class LedgerMachine(RuleBasedStateMachine):
         # model: (user, key) -> [state, kind, amount, period_start, expires_at]
         self.model: dict[tuple[str, str], list[object]] = {}
         self.charges: dict[tuple[str, str], int] = {}
+        # (user, key) -> units spent, for the keys whose model entry is a lease
+        self.leases: dict[tuple[str, str], int] = {}
+        # (user, period) -> calls charged without a unit of their lease and without a limit
+        # check (the lease was settled, spent or unknown): only these may push a user over
+        self.late: dict[tuple[str, datetime], int] = {}
 
     def _model_used(self, user: str, kind: str, at: datetime) -> int:
         start = period_start(at)
         total = 0
-        for (u, _), (state, k, amount, period, _) in self.model.items():
+        for (u, key), (state, k, amount, period, _) in self.model.items():
             if u != user or k != kind or state == "released":
                 continue
             if kind == "call" and period != start:
                 continue
             if kind == "call" or state in ("held", "committed"):
-                total += amount  # type: ignore[operator]
+                # a lease's spent units are charged by the uses' own entries
+                total += amount - self.leases.get((u, key), 0)  # type: ignore[operator]
         return total
+
+    def _held_leases(self) -> list[tuple[str, str]]:
+        return sorted(k for k in self.leases if self.model[k][0] == "held")
 
     @rule(
         user=st.sampled_from(USERS),
@@ -115,6 +128,7 @@ class LedgerMachine(RuleBasedStateMachine):
         if fits:
             expires = self.now + TIMEOUT if kind in ("call", "server") else None
             self.model[(user.user_id, key)] = ["held", kind, amount, period_start(self.now), expires]
+            self.leases.pop((user.user_id, key), None)
         else:
             assert decision.sentence and not any(isinstance(f, Reserved) for f in decision.facts)
 
@@ -148,6 +162,7 @@ class LedgerMachine(RuleBasedStateMachine):
                 entry[0] = "committed"
             else:
                 self.model[(BIG.user_id, key)] = ["committed", "call", 1, period_start(self.now), None]
+                self.leases.pop((BIG.user_id, key), None)
 
     @rule(user=st.sampled_from(USERS), key=st.sampled_from(KEYS))
     def release(self, user: Account, key: str) -> None:
@@ -161,6 +176,117 @@ class LedgerMachine(RuleBasedStateMachine):
         if releasable:
             assert entry is not None
             entry[0] = "released"
+
+    @rule(user=st.sampled_from(LIMITED), key=st.sampled_from(KEYS), amount=st.integers(1, 3))
+    def take_lease(self, user: Account, key: str, amount: int) -> None:
+        existing = self.model.get((user.user_id, key))
+        if existing is not None and existing[0] != "released":
+            if (existing[1], existing[2]) != ("call", amount):
+                with pytest.raises(Invalid):
+                    self.ledger.reserve(user, "call", key, amount, self.now, lease=True)
+                return
+            decision = self.ledger.reserve(user, "call", key, amount, self.now, lease=True)
+            assert decision.granted and decision.facts == []  # answers with what the key names
+            assert decision.reservation is not None
+            assert decision.reservation.lease == ((user.user_id, key) in self.leases)
+            return
+        used_before = self._model_used(user.user_id, "call", self.now)
+        unspent_before = self.ledger.unspent_leases(user.user_id)
+        decision = self.ledger.reserve(user, "call", key, amount, self.now, lease=True)
+        self.facts.extend(decision.facts)
+        fits = used_before + amount <= SMALL.calls  # type: ignore[operator]
+        assert decision.granted == fits
+        if not fits:
+            assert not any(isinstance(f, Reserved) for f in decision.facts)
+            assert self.ledger.unspent_leases(user.user_id) == unspent_before
+            return
+        [fact] = decision.facts
+        assert isinstance(fact, Reserved) and fact.lease and not fact.charged and fact.amount == amount
+        assert fact.expires_at == self.now + LEASE_TIMEOUT
+        assert self.ledger.unspent_leases(user.user_id) == unspent_before + amount
+        period = period_start(self.now)
+        self.model[(user.user_id, key)] = ["held", "call", amount, period, self.now + LEASE_TIMEOUT]
+        self.leases[(user.user_id, key)] = 0
+
+    @rule(user=st.sampled_from(LIMITED), lease_key=st.sampled_from(KEYS), key=st.sampled_from(KEYS))
+    def use_lease(self, user: Account, lease_key: str, key: str) -> None:
+        """A use naming any key as its lease (held, settled, spent, no lease at all)."""
+        self._use(user, lease_key, key)
+
+    @precondition(lambda self: len(self._held_leases()) > 0)
+    @rule(data=st.data(), key=st.sampled_from(KEYS))
+    def use_held_lease(self, data: st.DataObject, key: str) -> None:
+        """A use of a lease still held (fresh key: a unit spent if one is left)."""
+        user_id, lease_key = data.draw(st.sampled_from(self._held_leases()))
+        self._use(ACCOUNTS[user_id], lease_key, key)
+
+    def _use(self, user: Account, lease_key: str, key: str) -> None:
+        """A call its taker ran on a lease (`lease_key`), charged under its request `key`: a key
+        seen before is a retry (charged once), a fresh one spends a unit if the lease has one."""
+        entry = self.model.get((user.user_id, key))
+        if entry is not None and entry[0] != "released" and entry[1] != "call":
+            with pytest.raises(Invalid):
+                self.ledger.record_use(user, key, self.now, lease_key=lease_key)
+            return
+        lease = self.model.get((user.user_id, lease_key))
+        units = self.leases.get((user.user_id, lease_key))
+        used_before = self.ledger.used(user.user_id, "call", self.now)
+        unspent_before = self.ledger.unspent_leases(user.user_id)
+        settled = self.ledger.record_use(user, key, self.now, lease_key=lease_key)
+        self.facts.extend(settled.facts)
+        if entry is not None and entry[0] == "committed":  # a retry: nothing changes
+            assert not settled.changed and settled.facts == []
+            assert self.ledger.unspent_leases(user.user_id) == unspent_before
+            return
+        assert settled.changed
+        self.charges[(user.user_id, key)] = self.charges.get((user.user_id, key), 0) + 1
+        if entry is not None and entry[0] == "held":  # its own hold (a lease: all of it) is committed
+            assert [type(f) for f in settled.facts] == [Committed]
+            entry[0] = "committed"
+            return
+        [fact] = settled.facts
+        assert isinstance(fact, Reserved) and fact.charged and fact.amount == 1
+        spends = (
+            units is not None
+            and lease is not None
+            and lease[0] == "held"
+            and units < lease[2]  # type: ignore[operator]
+            and lease_key != key
+        )
+        self.leases.pop((user.user_id, key), None)  # a released lease's key opened as a call
+        if spends:
+            assert lease is not None and units is not None
+            found = self.ledger.find(user.user_id, lease_key)
+            assert found is not None and fact.from_lease == found.reservation_id
+            assert fact.period_start == lease[3]  # the lease's period
+            self.leases[(user.user_id, lease_key)] = units + 1
+            self.model[(user.user_id, key)] = ["committed", "call", 1, lease[3], None]
+            assert self.ledger.used(user.user_id, "call", self.now) == used_before
+            assert self.ledger.unspent_leases(user.user_id) == unspent_before - 1
+        else:
+            assert fact.from_lease is None
+            period = period_start(self.now)
+            assert fact.period_start == period
+            self.late[(user.user_id, period)] = self.late.get((user.user_id, period), 0) + 1
+            self.model[(user.user_id, key)] = ["committed", "call", 1, period, None]
+            assert self.ledger.used(user.user_id, "call", self.now) == used_before + 1
+            assert self.ledger.unspent_leases(user.user_id) == unspent_before
+
+    @precondition(lambda self: len(self._held_leases()) > 0)
+    @rule(data=st.data())
+    def return_lease(self, data: st.DataObject) -> None:
+        user, key = data.draw(st.sampled_from(self._held_leases()))
+        entry = self.model[(user, key)]
+        unspent = entry[2] - self.leases[(user, key)]  # type: ignore[operator]
+        period: datetime = entry[3]  # type: ignore[assignment]
+        used_before = self.ledger.used(user, "call", period)
+        unspent_before = self.ledger.unspent_leases(user)
+        settled = self.ledger.release(user, key, "returned", self.now)
+        self.facts.extend(settled.facts)
+        assert settled.changed and [type(f) for f in settled.facts] == [Released]
+        entry[0] = "released"
+        assert self.ledger.used(user, "call", period) == used_before - unspent  # only the unspent
+        assert self.ledger.unspent_leases(user) == unspent_before - unspent
 
     @rule(seconds=st.sampled_from([1, 30, 90, 121, 3600, 40 * 86400]))
     def tick(self, seconds: int) -> None:
@@ -178,6 +304,8 @@ class LedgerMachine(RuleBasedStateMachine):
         assert all(isinstance(f, Released) and f.reason == EXPIRED for f in facts)
         for k in expected:
             self.model[k][0] = "released"
+            if k in self.leases:  # a lease expires after its own, shorter, timeout
+                assert self.model[k][4] == self.ledger.find(*k).reserved_at + LEASE_TIMEOUT  # type: ignore[union-attr]
 
     @precondition(lambda self: len(self.facts) > 0)
     @rule()
@@ -189,15 +317,39 @@ class LedgerMachine(RuleBasedStateMachine):
             if self.ledger.find(user, key) is None:
                 del self.model[(user, key)]
                 self.charges.pop((user, key), None)
+                self.leases.pop((user, key), None)
 
     @invariant()
     def never_over_any_limit(self) -> None:
+        """Reservations never take a user over a limit; a call charged after its lease was
+        settled or spent is not checked (it happened), so only those may exceed it."""
         for user in USERS:
             for kind in ("call", "build_slot", "server"):
                 used = self.ledger.used(user.user_id, kind, self.now)  # type: ignore[arg-type]
                 assert used == self._model_used(user.user_id, kind, self.now)
                 limit = LIMITS[user.tier].of(kind)  # type: ignore[arg-type]
-                assert limit is None or used <= limit
+                late = self.late.get((user.user_id, period_start(self.now)), 0) if kind == "call" else 0
+                assert limit is None or used - late <= limit
+
+    @invariant()
+    def unspent_leases_are_the_unspent_units_of_held_leases(self) -> None:
+        for user in USERS:
+            in_model = 0
+            for k, spent in self.leases.items():
+                state, _, amount, _, _ = self.model[k]
+                if k[0] == user.user_id and state == "held":
+                    in_model += amount - spent  # type: ignore[operator]
+            in_ledger = sum(
+                r.unspent
+                for r in self.ledger.reservations.values()
+                if r.user_id == user.user_id and r.lease and r.state == "held"
+            )
+            assert self.ledger.unspent_leases(user.user_id) == in_model == in_ledger
+            assert in_ledger >= 0
+        for (user_id, key), spent in self.leases.items():
+            found = self.ledger.find(user_id, key)
+            assert found is not None and found.lease and found.used == spent
+            assert 0 <= found.used <= found.amount
 
     @invariant()
     def charged_at_most_once_per_key(self) -> None:

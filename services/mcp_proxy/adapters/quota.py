@@ -16,6 +16,14 @@ keyed by the tier the gateway authenticated the caller with, so a tier change (t
 request carries the new tier) asks the quota service again at once. Uses that cannot be
 delivered are retried; a crash of mcp_proxy loses at most the last interval's charges, the
 same loss as a hold that expires because its commit never came (docs/quota.md).
+
+Leases (limited tiers with room left, docs/quota.md "Leases"): every reservation asks for
+one; when the quota service answers with a lease of n calls, this call and the next n-1 of
+that user (at that tier, within `lease_for_s`) run without a round trip each. Each that
+reached its upstream is a Use naming the lease; one that did not hands its unit back to the
+lease. When the window closes or the units run out, the lease is returned in the usage
+message after its last use, so its unspent units are freed. One request at a time asks for
+a user's next lease; callers arriving meanwhile wait for its answer.
 """
 
 import asyncio
@@ -25,7 +33,7 @@ import time
 
 from contracts.commands.common import CommandMeta
 from contracts.commands.mcp import Caller
-from contracts.commands.quota import RecordUsage, Release, Reserve, Settled, UsageReceipt, Use
+from contracts.commands.quota import RecordUsage, Release, Reserve, Returned, Settled, UsageReceipt, Use
 from contracts.commands.quota import Reservation as QuotaReservation
 from contracts.envelope import Actor
 from services.kit.rpc import CommandClient, CommandFailed
@@ -38,12 +46,27 @@ MAX_USES = 1000  # per message (the quota service's limit)
 MAX_PENDING = 200_000  # uses waiting for delivery; beyond it the oldest are dropped (logged)
 
 
+class Lease:
+    """Units of a user's allowance this instance may spend without asking, until `until`."""
+
+    __slots__ = ("done", "grant", "key", "left", "running", "until")
+
+    def __init__(self, key: str, grant: tuple[str, str], left: int, until: float) -> None:
+        self.key, self.grant, self.left, self.until = key, grant, left, until  # grant: (user, tier)
+        self.running = 0  # calls holding one of its units that have not settled yet
+        self.done = False  # no more units are taken; returned once `running` is 0
+
+
 class QuotaService:
     def __init__(self, client: CommandClient, timeout_s: float = 5.0, usage_interval_s: float = 0.02) -> None:
         self.client, self.timeout_s, self.usage_interval_s = client, timeout_s, usage_interval_s
         self._settling: set[asyncio.Task[None]] = set()
         self._unmetered: dict[tuple[str, str], float] = {}  # (user, tier) -> monotonic deadline
+        self._leases: dict[tuple[str, str], Lease] = {}  # (user, tier) -> the lease being spent
+        self._running: dict[str, Lease] = {}  # lease key -> lease, until it is returned
+        self._asking: dict[tuple[str, str], asyncio.Future[bool]] = {}  # a request under way: leased?
         self._uses: list[Use] = []
+        self._returned: list[Returned] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.dropped = 0
@@ -56,8 +79,10 @@ class QuotaService:
         if self._task is not None:
             await stop_task(self._task)
             self._task = None
+        for lease in list(self._running.values()):
+            self._retire(lease, force=True)
         with contextlib.suppress(CommandFailed):  # a last delivery; what fails is lost (logged)
-            while self._uses:
+            while self._uses or self._returned:
                 await self._deliver()
         if self._uses:
             log.error("%d unmetered calls were not charged: quota did not answer", len(self._uses))
@@ -65,6 +90,13 @@ class QuotaService:
     # -- the gate -----------------------------------------------------------------------
     def granted(self, caller: Caller, request_id: str) -> Reservation | None:
         grant = (caller.user_id, caller.tier)
+        lease = self._leases.get(grant)
+        if lease is not None:
+            if lease.left > 0 and lease.until > time.monotonic():
+                lease.left -= 1
+                lease.running += 1
+                return Reservation(request_id, caller.user_id, caller.org_id, held=False, lease=lease.key)
+            self._retire(lease)
         until = self._unmetered.get(grant)
         if until is None:
             return None
@@ -74,11 +106,29 @@ class QuotaService:
         return None
 
     async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation:
-        found = self.granted(caller, request_id)
-        if found is not None:
-            return found
+        grant = (caller.user_id, caller.tier)
+        while True:
+            found = self.granted(caller, request_id)
+            if found is not None:
+                return found
+            asking = self._asking.get(grant)
+            if asking is None:
+                break
+            if not await asyncio.shield(asking):  # that answer was no lease: ask for this call alone
+                return await self._ask(caller, request_id)
+        self._asking[grant] = asked = asyncio.get_running_loop().create_future()
+        leased = False
+        try:
+            reservation = await self._ask(caller, request_id)
+            leased = reservation.lease is not None
+            return reservation
+        finally:
+            del self._asking[grant]
+            asked.set_result(leased)  # wakes the calls that waited for this user's next lease
+
+    async def _ask(self, caller: Caller, request_id: str) -> Reservation:
         request = Reserve(
-            meta=META, user_id=caller.user_id, org_id=caller.org_id, kind="call", key=request_id
+            meta=META, user_id=caller.user_id, org_id=caller.org_id, kind="call", key=request_id, lease=True
         )
         answer = await self.client.call("quota", "reserve", request, QuotaReservation, timeout=self.timeout_s)
         if not answer.granted:
@@ -87,15 +137,61 @@ class QuotaService:
             if len(self._unmetered) > 100_000:
                 self._unmetered.clear()
             self._unmetered[(caller.user_id, caller.tier)] = time.monotonic() + answer.unmetered_for_s
+        if answer.lease_key is not None:
+            return self._lease(caller, request_id, answer)
         return Reservation(request_id, caller.user_id, caller.org_id)
+
+    def _lease(self, caller: Caller, request_id: str, answer: QuotaReservation) -> Reservation:
+        """Keeps a granted lease (this call spends its first unit) and schedules its end."""
+        assert answer.lease_key is not None
+        window = answer.lease_for_s or 0.0
+        grant = (caller.user_id, caller.tier)
+        lease = Lease(answer.lease_key, grant, (answer.lease_units or 1) - 1, time.monotonic() + window)
+        lease.running = 1
+        self._running[lease.key] = lease
+        if answer.tier == caller.tier:  # decided at another tier: this call only, then returned
+            old = self._leases.get(grant)
+            if old is not None:
+                self._retire(old)
+            self._leases[grant] = lease
+            asyncio.get_running_loop().call_later(window, self._retire, lease)
+        else:
+            lease.done = True
+        return Reservation(request_id, caller.user_id, caller.org_id, held=False, lease=lease.key)
 
     async def commit(self, reservation: Reservation) -> None:
         self._use(reservation)  # held or not: charged in the next usage message
+        if reservation.lease is not None:
+            self._settled(reservation.lease)
 
     async def release(self, reservation: Reservation) -> None:
         if reservation.held:  # an unmetered call that never reached its upstream holds nothing
             release = Release(meta=META, user_id=reservation.user_id, key=reservation.request_id)
             self._later("release", release)
+        elif reservation.lease is not None:  # its unit stays unspent: freed when the lease returns
+            self._settled(reservation.lease)
+
+    # -- leases ---------------------------------------------------------------------------
+    def _settled(self, key: str) -> None:
+        lease = self._running.get(key)
+        if lease is not None:
+            lease.running -= 1
+            if lease.done and not lease.running:
+                self._return(lease)
+
+    def _retire(self, lease: Lease, force: bool = False) -> None:
+        """No more units are taken from `lease`; it is returned once its calls settled."""
+        if not lease.done:
+            lease.done = True
+            if self._leases.get(lease.grant) is lease:
+                del self._leases[lease.grant]
+        if (force or not lease.running) and lease.key in self._running:
+            self._return(lease)
+
+    def _return(self, lease: Lease) -> None:
+        del self._running[lease.key]
+        self._returned.append(Returned(user_id=lease.grant[0], key=lease.key))  # sent after its uses
+        self._wake.set()
 
     def _later(self, verb: str, request: Release) -> None:
         async def settle() -> None:
@@ -111,7 +207,8 @@ class QuotaService:
     # -- charging unmetered calls ---------------------------------------------------------
     def _use(self, reservation: Reservation) -> None:
         r = reservation
-        self._uses.append(Use(user_id=r.user_id, org_id=r.org_id, key=r.request_id, held=r.held))
+        use = Use(user_id=r.user_id, org_id=r.org_id, key=r.request_id, held=r.held, lease=r.lease)
+        self._uses.append(use)
         if len(self._uses) > MAX_PENDING:
             del self._uses[0]
             self.dropped += 1
@@ -125,7 +222,7 @@ class QuotaService:
             await self._wake.wait()
             await asyncio.sleep(self.usage_interval_s)  # let a burst share one message
             self._wake.clear()
-            while self._uses:
+            while self._uses or self._returned:
                 try:
                     await self._deliver()
                     backoff = 0.2
@@ -133,6 +230,8 @@ class QuotaService:
                     if failed.problem.status < 500:  # refused as such: sending it again won't help
                         log.error("quota refused a usage message, dropped: %s", failed.problem.detail)
                         del self._uses[:MAX_USES]
+                        if not self._uses:
+                            self._returned.clear()
                         continue
                     detail = failed.problem.detail
                     log.warning("charging %d unmetered calls failed, retrying: %s", len(self._uses), detail)
@@ -141,10 +240,13 @@ class QuotaService:
 
     async def _deliver(self) -> None:
         batch = self._uses[:MAX_USES]
-        receipt = await self.client.call(
-            "quota", "record_usage", RecordUsage(meta=META, uses=batch), UsageReceipt, timeout=self.timeout_s
-        )
+        # Leases go back with the message that carries the last pending uses (theirs among them).
+        returned = self._returned[:MAX_USES] if len(batch) == len(self._uses) else []
+        message = RecordUsage(meta=META, uses=batch, returned=returned)
+        timeout = self.timeout_s
+        receipt = await self.client.call("quota", "record_usage", message, UsageReceipt, timeout=timeout)
         del self._uses[: len(batch)]
+        del self._returned[: len(returned)]
         if receipt.unknown_users:
             unknown = sorted(set(receipt.unknown_users))
             log.warning("quota does not know users %s: their calls were not charged", unknown)

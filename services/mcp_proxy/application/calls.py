@@ -132,6 +132,8 @@ class Calls:
         try:
             ready = await call.prepare()
         except BaseException:
+            if reserving.done() and not reserving.cancelled() and reserving.exception() is None:
+                await self.quota.release(reserving.result())  # a lease's unit goes back
             reserving.cancel()  # an unsettled reservation expires on its own
             raise
         try:

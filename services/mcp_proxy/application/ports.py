@@ -64,11 +64,13 @@ class Reservation(msgspec.Struct, frozen=True):
     user_id: str
     org_id: str = ""
     held: bool = True  # False: an unmetered user's call, charged after it reached the upstream
+    lease: str | None = None  # not held: the lease (key) whose unit it spends
 
 
 class QuotaGate(Protocol):
     def granted(self, caller: Caller, request_id: str) -> Reservation | None:
-        """A reservation that needs no round trip (an unmetered user's grant), else None."""
+        """A reservation that needs no round trip (an unmetered user's grant, or a unit of a
+        lease), else None."""
         ...
 
     async def reserve(self, caller: Caller, request_id: str, server: str, tool: str) -> Reservation: ...

@@ -43,8 +43,11 @@ async def _run(work: Awaitable[T]) -> T:
 MAX_USES = 1000  # per RecordUsage message
 
 
-def reservation_view(d: Decision, unmetered_grant_s: float = 0.0) -> cmd.Reservation:
+def reservation_view(
+    d: Decision, unmetered_grant_s: float = 0.0, lease_for_s: float = 0.0
+) -> cmd.Reservation:
     unmetered = d.granted and d.kind == "call" and d.limit is None and unmetered_grant_s > 0
+    lease = d.reservation if d.reservation is not None and d.reservation.lease else None
     return cmd.Reservation(
         granted=d.granted,
         reservation_id=d.reservation.reservation_id if d.reservation else None,
@@ -57,6 +60,9 @@ def reservation_view(d: Decision, unmetered_grant_s: float = 0.0) -> cmd.Reserva
         sentence=d.sentence,
         retry_after_s=d.retry_after_s,
         unmetered_for_s=unmetered_grant_s if unmetered else None,
+        lease_key=lease.key if lease else None,
+        lease_units=lease.amount if lease else None,
+        lease_for_s=lease_for_s if lease else None,
     )
 
 
@@ -88,14 +94,18 @@ def report_view(done: Rebuilt, differences: list[str] | None = None) -> cmd.Quot
 
 def routes(server: CommandServer, quota: Quota, sources: dict[str, Source]) -> None:
     async def reserve(c: cmd.Reserve) -> cmd.Reservation:
-        decision = await _run(quota.reserve(c.user_id, c.org_id, c.kind, c.key, c.amount, meta_dict(c.meta)))
-        return reservation_view(decision, quota.settings.unmetered_grant_s)
+        meta = meta_dict(c.meta)
+        decision = await _run(quota.reserve(c.user_id, c.org_id, c.kind, c.key, c.amount, meta, c.lease))
+        return reservation_view(decision, quota.settings.unmetered_grant_s, quota.settings.lease_for_s)
 
     async def record_usage(c: cmd.RecordUsage) -> cmd.UsageReceipt:
         if len(c.uses) > MAX_USES:
             raise refuse(400, "Invalid request", f"At most {MAX_USES} uses per message, got {len(c.uses)}.")
-        uses = [(u.user_id, u.org_id, u.key, u.held) for u in c.uses]
-        recorded, unknown = await _run(quota.record_usage(uses, meta_dict(c.meta)))
+        if len(c.returned) > MAX_USES:
+            detail = f"At most {MAX_USES} returned leases per message, got {len(c.returned)}."
+            raise refuse(400, "Invalid request", detail)
+        returned = [(r.user_id, r.key) for r in c.returned]
+        recorded, unknown = await _run(quota.record_usage(c.uses, meta_dict(c.meta), returned))
         return cmd.UsageReceipt(recorded=recorded, unknown_users=unknown)
 
     async def commit(c: cmd.Commit) -> cmd.Settled:

@@ -22,7 +22,7 @@ _SERVICE_META: dict[str, Any] = {"actor": {"kind": "service", "id": "quota"}}
 def _payload(e: Any) -> msgspec.Struct | None:
     rid = str(e.originator_id)
     if isinstance(e, ReservationEvents.Reserved) and e.charged:  # an unmetered call
-        return _usage(e, rid, e.timestamp, held=False)
+        return _usage(e, rid, e.timestamp, held=False, lease_id=e.from_lease)
     if isinstance(e, ReservationEvents.Reserved):
         return ev.Reserved(
             reservation_id=rid,
@@ -36,6 +36,7 @@ def _payload(e: Any) -> msgspec.Struct | None:
             reserved_at=e.timestamp,
             expires_at=e.expires_at,
             version=e.originator_version,
+            lease=e.lease,
         )
     if isinstance(e, ReservationEvents.Committed):
         if e.kind == "call":
@@ -78,7 +79,9 @@ def _payload(e: Any) -> msgspec.Struct | None:
     return None
 
 
-def _usage(e: Any, rid: str, reserved_at: datetime, held: bool) -> ev.UsageRecorded:
+def _usage(
+    e: Any, rid: str, reserved_at: datetime, held: bool, lease_id: str | None = None
+) -> ev.UsageRecorded:
     """The billing record of a charged call (a commit, or an unmetered call's one fact)."""
     return ev.UsageRecorded(
         usage_id=rid,
@@ -93,6 +96,7 @@ def _usage(e: Any, rid: str, reserved_at: datetime, held: bool) -> ev.UsageRecor
         recorded_at=e.timestamp,
         version=e.originator_version,
         held=held,
+        lease_id=lease_id,
     )
 
 

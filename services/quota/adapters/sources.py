@@ -56,9 +56,9 @@ class StoreSource:
 def fact_from_stream(envelope: Envelope) -> Fact | None:
     payload = decode_payload(envelope)
     if isinstance(payload, ev.Reserved):
-        return _opened(payload, payload.reservation_id, payload.expires_at, charged=False)
-    if isinstance(payload, ev.UsageRecorded) and not payload.held:  # an unmetered call
-        return _opened(payload, payload.usage_id, None, charged=True)
+        return _opened(payload, payload.reservation_id, payload.expires_at, lease=payload.lease)
+    if isinstance(payload, ev.UsageRecorded) and not payload.held:  # unmetered, or a lease's unit
+        return _opened(payload, payload.usage_id, None, charged=True, from_lease=payload.lease_id)
     if isinstance(payload, ev.UsageRecorded):
         return Committed(reservation_id=payload.usage_id, version=payload.version, at=payload.recorded_at)
     if isinstance(payload, ev.Committed):
@@ -127,7 +127,12 @@ class StreamSource:
 
 
 def _opened(
-    payload: ev.Reserved | ev.UsageRecorded, rid: str, expires_at: datetime | None, charged: bool
+    payload: ev.Reserved | ev.UsageRecorded,
+    rid: str,
+    expires_at: datetime | None,
+    charged: bool = False,
+    lease: bool = False,
+    from_lease: str | None = None,
 ) -> Reserved:
     return Reserved(
         reservation_id=rid,
@@ -142,4 +147,6 @@ def _opened(
         at=payload.reserved_at,
         expires_at=expires_at,
         charged=charged,
+        lease=lease,
+        from_lease=from_lease,
     )

@@ -47,6 +47,8 @@ class ReservationEvents:
         expires_at: datetime | None
         meta: Meta
         charged: bool = False  # an unmetered call, charged without a hold (ledger.record_use)
+        lease: bool = False  # a lease of `amount` calls
+        from_lease: str | None = None  # charged: the lease whose unit it spent
 
     @dataclass(frozen=True)
     class Committed(DomainEvent):
@@ -112,6 +114,8 @@ def recordable(fact: Fact, reservation: Reservation | None, meta: Meta) -> Domai
             expires_at=fact.expires_at,
             meta=meta,
             charged=fact.charged,
+            lease=fact.lease,
+            from_lease=fact.from_lease,
         )
     if isinstance(fact, Refused):
         return RefusalEvents.Recorded(
@@ -178,6 +182,8 @@ def fact_of(event: Any) -> Fact | None:
             at=event.timestamp,
             expires_at=event.expires_at,
             charged=event.charged,
+            lease=event.lease,
+            from_lease=event.from_lease,
         )
     if isinstance(event, ReservationEvents.Committed):
         return Committed(

@@ -16,13 +16,19 @@ Rules:
 - held calls and held servers not settled within the timeout are released as "expired";
   build slots are held until released;
 - a call of a tier with unlimited calls may be charged after it ran, without a hold
-  (`record_use`): one fact opens and charges it, once per key.
+  (`record_use`): one fact opens and charges it, once per key;
+- a *lease* is a held call reservation of several units that its taker spends itself: each
+  call it ran is charged by one fact naming the lease (`record_use` with `lease_key`), which
+  moves a unit from held to charged; releasing the lease (returned, or expired) frees only
+  the units it did not spend. A use that finds its lease settled or spent is charged all the
+  same (the call happened), without a unit of the lease.
 """
 
 import heapq
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 import msgspec
 
@@ -37,6 +43,7 @@ from services.quota.domain.limits import (
 )
 from services.quota.domain.period import label, period_end, period_start, seconds_until_next
 
+K = TypeVar("K")
 NAMESPACE = uuid.UUID("3c1f6f0e-9a0b-4f5e-8a51-6c2f7b1d4e90")
 MAX_AMOUNT = 1000
 MAX_KEY_LENGTH = 200
@@ -48,6 +55,8 @@ BUILD_RETRY_AFTER_S = 30
 SERVER_RETRY_AFTER_S = 60
 REFUSAL_RECORD_INTERVAL = timedelta(seconds=60)
 EXPIRING_KINDS = frozenset({"call", "server"})
+LEASE_MIN = 4  # units: a smaller lease is not worth its round trip, the call is held alone
+LEASE_SHARE = 16  # a lease takes at most this fraction of what is left of the allowance
 
 
 def reservation_id(user_id: str, key: str, period: str = "") -> str:
@@ -76,6 +85,8 @@ class Reserved(msgspec.Struct, frozen=True, kw_only=True):
     at: datetime
     expires_at: datetime | None = None
     charged: bool = False  # an unmetered call: reserved and charged in one fact, never held
+    lease: bool = False  # a lease: `amount` calls its taker runs without a hold each
+    from_lease: str | None = None  # charged: the lease (reservation id) whose unit it spent
 
 
 class Committed(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,6 +133,12 @@ class Reservation(msgspec.Struct, kw_only=True):
     reserved_at: datetime
     expires_at: datetime | None
     state: State = "held"
+    lease: bool = False
+    used: int = 0  # a lease's units spent (charged by their own facts)
+
+    @property
+    def unspent(self) -> int:
+        return self.amount - self.used
 
     @property
     def settled(self) -> bool:
@@ -189,11 +206,18 @@ def check_reason(reason: str) -> str:
 
 class Ledger:
     def __init__(
-        self, tiers: TierTable, period: PeriodKind = "month", timeout: timedelta | None = None
+        self,
+        tiers: TierTable,
+        period: PeriodKind = "month",
+        timeout: timedelta | None = None,
+        lease_timeout: timedelta | None = None,
     ) -> None:
         self.tiers = tiers
         self.period: PeriodKind = period
         self.timeout = timeout if timeout is not None else timedelta(seconds=120)
+        self.lease_timeout = lease_timeout if lease_timeout is not None else timedelta(seconds=30)
+        self.leased: dict[str, int] = {}  # user -> units held in leases, not spent yet
+        self._leased_in: dict[tuple[str, datetime], int] = {}  # the same by (user, period)
         self.reservations: dict[str, Reservation] = {}  # by reservation id
         self._keys: dict[tuple[str, str], Reservation] = {}  # by (user, key): the latest one
         self._expiry: list[tuple[datetime, str, int]] = []  # heap of (expires_at, reservation id, version)
@@ -220,7 +244,9 @@ class Ledger:
             tier=account.tier,
             period_start=start,
             period_end=period_end(start, self.period),
-            calls_used=self.used(account.user_id, "call", now),
+            # Units a lease holds but has not spent are not calls the user made (they count
+            # against the limit all the same, and come back when the lease returns).
+            calls_used=self.used(account.user_id, "call", now) - self.unspent_leases(account.user_id, now),
             calls_limit=limits.calls,
             builds_used=self.used(account.user_id, "build_slot", now),
             builds_limit=limits.builds,
@@ -231,12 +257,37 @@ class Ledger:
     def find(self, user_id: str, key: str) -> Reservation | None:
         return self._keys.get((user_id, key))
 
+    def unspent_leases(self, user_id: str, at: datetime | None = None) -> int:
+        """Units of this user's allowance held by leases and not spent yet (`at`: only those
+        of the period that holds this instant)."""
+        if at is None:
+            return self.leased.get(user_id, 0)
+        return self._leased_in.get((user_id, period_start(at, self.period)), 0)
+
+    def lease_size(self, account: Account, now: datetime, most: int) -> int:
+        """How many calls a lease for this user may hold now: 0 when it is not worth one.
+
+        A lease takes at most 1/LEASE_SHARE of what is left, so the last units of an
+        allowance are always held one call at a time (exact at the limit); a small allowance
+        (free tier: 50) never gets one.
+        """
+        limit = self.tiers.limits(account.tier).calls
+        if limit is None:
+            return most
+        size = min(most, (limit - self.used(account.user_id, "call", now)) // LEASE_SHARE)
+        return size if size >= LEASE_MIN else 0
+
     # -- decisions -----------------------------------------------------------------------
-    def reserve(self, account: Account, kind: Kind, key: str, amount: int, now: datetime) -> Decision:
+    def reserve(
+        self, account: Account, kind: Kind, key: str, amount: int, now: datetime, lease: bool = False
+    ) -> Decision:
+        """Holds `amount` units under `key`; `lease`: a lease of `amount` calls (see the rules)."""
         check_key(key)
         check_amount(amount)
         if kind not in KINDS:
             raise Invalid(f"Unknown reservation kind {kind!r}; kinds are {', '.join(KINDS)}.")
+        if lease and kind != "call":
+            raise Invalid("Only calls can be leased.")
         limit = self.tiers.limits(account.tier).of(kind)
         existing = self._keys.get((account.user_id, key))
         if existing is not None and existing.state != "released":
@@ -258,7 +309,7 @@ class Ledger:
         used = self.used(account.user_id, kind, now)
         if limit is not None and used + amount > limit:
             return self._refuse(account, kind, key, amount, used, limit, now)
-        fact = self._open(account, kind, key, amount, now, existing)
+        fact = self._open(account, kind, key, amount, now, existing, lease=lease)
         rid = fact.reservation_id
         return Decision(
             granted=True,
@@ -272,11 +323,15 @@ class Ledger:
             facts=[fact],
         )
 
-    def record_use(self, account: Account, key: str, now: datetime) -> Settlement:
-        """Charges a call that already reached its upstream without a hold (unmetered users).
+    def record_use(
+        self, account: Account, key: str, now: datetime, lease_key: str | None = None
+    ) -> Settlement:
+        """Charges a call that already reached its upstream without a hold of its own
+        (unmetered users, or a unit of the lease `lease_key`).
 
         No limit is checked: the call happened. The key is charged once: a held key is
-        committed, a committed one changes nothing, otherwise one fact opens and charges it.
+        committed, a committed one changes nothing, otherwise one fact opens and charges it,
+        spending a unit of its lease when that lease is still held and has one left.
         """
         check_key(key)
         existing = self._keys.get((account.user_id, key))
@@ -286,7 +341,10 @@ class Ledger:
             if existing.state == "held":
                 return self.commit(account.user_id, key, now)
             return Settlement(changed=False, state=existing.state, reservation=existing)
-        fact = self._open(account, "call", key, 1, now, existing, charged=True)
+        lease = self._keys.get((account.user_id, lease_key)) if lease_key is not None else None
+        if lease is not None and not (lease.lease and lease.state == "held" and lease.unspent > 0):
+            lease = None  # settled or spent: the call is charged on its own
+        fact = self._open(account, "call", key, 1, now, existing, charged=True, lease_of=lease)
         found = self.reservations[fact.reservation_id]
         return Settlement(changed=True, state="committed", reservation=found, facts=[fact])
 
@@ -299,12 +357,16 @@ class Ledger:
         now: datetime,
         existing: Reservation | None,
         charged: bool = False,
+        lease: bool = False,
+        lease_of: Reservation | None = None,
     ) -> Reserved:
-        """Applies and returns the fact of a new hold (or, `charged`, of a call charged at once)."""
-        start = period_start(now, self.period)
+        """Applies and returns the fact of a new hold (or, `charged`, of a call charged at once;
+        spending a unit of `lease_of`, it lands in that lease's period)."""
+        start = lease_of.period_start if lease_of is not None else period_start(now, self.period)
         rid = self._next_id(account.user_id, key, kind, start, existing)
         prior = self.reservations.get(rid)
         held = not charged and kind in EXPIRING_KINDS
+        expires_at = now + (self.lease_timeout if lease else self.timeout) if held else None
         fact = Reserved(
             reservation_id=rid,
             version=prior.version + 1 if prior is not None else 1,
@@ -316,8 +378,10 @@ class Ledger:
             tier=account.tier,
             period_start=start,
             at=now,
-            expires_at=now + self.timeout if held else None,
+            expires_at=expires_at,
             charged=charged,
+            lease=lease,
+            from_lease=lease_of.reservation_id if lease_of is not None else None,
         )
         self.apply(fact)
         return fact
@@ -485,6 +549,7 @@ class Ledger:
             reserved_at=fact.at,
             expires_at=fact.expires_at,
             state="committed" if fact.charged else "held",
+            lease=fact.lease,
         )
         self.reservations[fact.reservation_id] = reservation
         self._keys[(fact.user_id, fact.key)] = reservation
@@ -497,8 +562,14 @@ class Ledger:
                 self.charged_total += fact.amount
                 self.users.add(fact.user_id)
                 self.reserved_total += 1
+                if fact.from_lease is not None:
+                    self._spend(fact.from_lease, fact.amount)
                 return
             balance.held += fact.amount
+            if fact.lease:
+                self.leased[fact.user_id] = self.leased.get(fact.user_id, 0) + fact.amount
+                in_period = (fact.user_id, fact.period_start)
+                self._leased_in[in_period] = self._leased_in.get(in_period, 0) + fact.amount
         else:
             slot = (fact.user_id, fact.kind)
             self.slots[slot] = self.slots.get(slot, 0) + fact.amount
@@ -517,10 +588,12 @@ class Ledger:
             return
         found.state, found.version = "committed", fact.version
         if found.kind == "call":
+            unspent = found.unspent  # a lease committed whole: its unspent units are charged
+            self._unlease(found)
             balance = self.calls[(found.user_id, found.period_start)]
-            balance.held -= found.amount
-            balance.charged += found.amount
-            self.charged_total += found.amount
+            balance.held -= unspent
+            balance.charged += unspent
+            self.charged_total += unspent
             self.open -= 1
 
     def _apply_released(self, fact: Released) -> None:
@@ -532,11 +605,29 @@ class Ledger:
             return
         found.state, found.version = "released", fact.version
         if found.kind == "call":
-            self.calls[(found.user_id, found.period_start)].held -= found.amount
+            self._unlease(found)
+            self.calls[(found.user_id, found.period_start)].held -= found.unspent
         else:
             slot = (found.user_id, found.kind)
             self.slots[slot] -= found.amount
         self.open -= 1
+
+    def _spend(self, lease_id: str, amount: int) -> None:
+        """A charged use of a lease: its unit moves from held to charged (already counted)."""
+        lease = self.reservations.get(lease_id)
+        if lease is None or not lease.lease or lease.state != "held" or lease.unspent < amount:
+            return  # settled or spent before: the use was charged on its own
+        lease.used += amount
+        self.calls[(lease.user_id, lease.period_start)].held -= amount
+        self._leased_less(lease, amount)
+
+    def _unlease(self, found: Reservation) -> None:
+        if found.lease and found.unspent:
+            self._leased_less(found, found.unspent)
+
+    def _leased_less(self, lease: Reservation, amount: int) -> None:
+        _less(self.leased, lease.user_id, amount)
+        _less(self._leased_in, (lease.user_id, lease.period_start), amount)
 
     # -- fingerprint -----------------------------------------------------------------------
     def balances(self) -> dict[str, int]:
@@ -552,3 +643,12 @@ class Ledger:
             if n:
                 out[f"user {user} {kind}s in use"] = n
         return out
+
+
+def _less(counts: dict[K, int], key: K, amount: int) -> None:
+    """Lowers a count, dropping it at zero (so an empty ledger compares equal to a fresh one)."""
+    left = counts[key] - amount
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
