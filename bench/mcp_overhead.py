@@ -434,8 +434,15 @@ def main() -> None:
         help="the callers' tier: enterprise has unlimited calls (charged after each call, no hold); "
         "team holds a unit before each call (its limit raised so the bench never runs out)",
     )
+    parser.add_argument(
+        "--no-quota",
+        action="store_true",
+        help="mcp_proxy without the quota gate (GATEHOUSE_MCP_QUOTA=off): what the quota hop costs",
+    )
     args = parser.parse_args()
     extra = {"GATEHOUSE_QUOTA_TIERS": '{"team": {"calls": 100000000}}'} if args.tier == "team" else {}
+    if args.no_quota:
+        extra["GATEHOUSE_MCP_QUOTA"] = "off"
     print(speed_line(), flush=True)
     port = free_port()
     upstream = subprocess.Popen(
