@@ -85,7 +85,7 @@ class QuotaService:
             while self._uses or self._returned:
                 await self._deliver()
         if self._uses:
-            log.error("%d unmetered calls were not charged: quota did not answer", len(self._uses))
+            log.error("%d calls were not charged: quota did not answer", len(self._uses))
 
     # -- the gate -----------------------------------------------------------------------
     def granted(self, caller: Caller, request_id: str) -> Reservation | None:
@@ -204,7 +204,7 @@ class QuotaService:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    # -- charging unmetered calls ---------------------------------------------------------
+    # -- charging calls (held, unmetered, a lease's units) ------------------------------------
     def _use(self, reservation: Reservation) -> None:
         r = reservation
         use = Use(user_id=r.user_id, org_id=r.org_id, key=r.request_id, held=r.held, lease=r.lease)
@@ -213,7 +213,7 @@ class QuotaService:
             del self._uses[0]
             self.dropped += 1
             if self.dropped % 1000 == 1:
-                log.error("unmetered calls are being dropped uncharged: the quota service is not answering")
+                log.error("calls are being dropped uncharged: the quota service is not answering")
         self._wake.set()
 
     async def _send_uses(self) -> None:
@@ -234,7 +234,7 @@ class QuotaService:
                             self._returned.clear()
                         continue
                     detail = failed.problem.detail
-                    log.warning("charging %d unmetered calls failed, retrying: %s", len(self._uses), detail)
+                    log.warning("charging %d calls failed, retrying: %s", len(self._uses), detail)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
 
