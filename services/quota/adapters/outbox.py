@@ -1,10 +1,9 @@
 """Which recorded quota events become public facts, and in what shape.
 
 A committed call is published as `quota.usage_recorded` (the billing record, one per
-charged call), and so is an unmetered call charged without a hold (`held: false`: that one
-event opens and charges its reservation); a committed build slot or server as
-`quota.committed`. Writer seals stay
-internal.
+charged call), and so is a call charged without a hold of its own, unmetered or a unit of a
+lease (`held: false`, `lease_id`: that one event opens and charges its reservation); a
+committed build slot or server as `quota.committed`. Writer seals stay internal.
 """
 
 from datetime import datetime
@@ -21,7 +20,7 @@ _SERVICE_META: dict[str, Any] = {"actor": {"kind": "service", "id": "quota"}}
 
 def _payload(e: Any) -> msgspec.Struct | None:
     rid = str(e.originator_id)
-    if isinstance(e, ReservationEvents.Reserved) and e.charged:  # an unmetered call
+    if isinstance(e, ReservationEvents.Reserved) and e.charged:  # unmetered, or a lease's unit
         return _usage(e, rid, e.timestamp, held=False, lease_id=e.from_lease)
     if isinstance(e, ReservationEvents.Reserved):
         return ev.Reserved(
@@ -82,7 +81,8 @@ def _payload(e: Any) -> msgspec.Struct | None:
 def _usage(
     e: Any, rid: str, reserved_at: datetime, held: bool, lease_id: str | None = None
 ) -> ev.UsageRecorded:
-    """The billing record of a charged call (a commit, or an unmetered call's one fact)."""
+    """The billing record of a charged call (a commit, or the one fact of a call charged
+    without a hold of its own: unmetered, or a unit of the lease `lease_id`)."""
     return ev.UsageRecorded(
         usage_id=rid,
         key=e.key,
