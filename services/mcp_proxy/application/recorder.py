@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
-from eventsourcing.domain import DomainEvent
+from eventsourcing.domain import Aggregate, DomainEvent
 
 from contracts.commands.common import CommandMeta
 from services.kit.tasks import stop_task
@@ -136,13 +136,13 @@ class Recorder:
 
     def _events(self, batch: list[Record]) -> list[DomainEvent]:
         """The batch's facts as the events of their aggregates (changes nothing here)."""
-        events: list[Any] = []
+        aggregates: list[Aggregate] = []
         processes: dict[str, UpstreamProcess] = {}
         for record in batch:
             if isinstance(record, CallRecord):
-                events.append(ToolCall.completed(record))
+                aggregates.append(ToolCall.of(record))
             elif isinstance(record, RequestRecord):
-                events.extend(UpstreamRequest.of(record).collect_events())
+                aggregates.append(UpstreamRequest.of(record))
             elif record.reason is None:
                 processes[record.token] = UpstreamProcess.of(record)
             else:
@@ -155,7 +155,7 @@ class Recorder:
                     agg.collect_events()  # its Started event is already saved
                     processes[record.token] = agg
                 agg.stop(record.reason)
-        events.extend(e for agg in processes.values() for e in agg.collect_events())
+        events: list[Any] = [e for agg in (*aggregates, *processes.values()) for e in agg.collect_events()]
         return events
 
     def _remember(self, batch: list[Record]) -> None:
