@@ -183,7 +183,8 @@ class Quota:
             left = deadline - loop.time()
             if left > 0:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._leases_back.wait(), left)
+                    async with asyncio.timeout(left):
+                        await self._leases_back.wait()
             await self._enter()
             decision = self.ledger.reserve(account, "call", key, amount, self.clock())
             waiting = self.ledger.unspent_leases(account.user_id, self.clock())

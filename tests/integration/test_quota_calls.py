@@ -125,7 +125,12 @@ async def test_an_unlimited_tier_is_charged_after_its_calls_without_a_hold(stack
     await eventually(all_six_charged, timeout=15)
     held = await quota_events(stack, "reserved", stack.big)
     assert [h["key"] for h in held] == request_ids[:1]  # only the first call asked before running
-    charged = await quota_events(stack, "usage_recorded", stack.big)
+
+    async def six_billing_records() -> list[dict[str, object]]:  # the relay publishes ~20 ms later
+        found = await quota_events(stack, "usage_recorded", stack.big)
+        return found if len(found) >= 6 else []
+
+    charged = await eventually(six_billing_records, timeout=15)
     assert sorted(str(c["key"]) for c in charged) == sorted(request_ids)  # one billing record each
     assert [c["held"] for c in charged if c["key"] != request_ids[0]] == [False] * 5
 

@@ -216,8 +216,7 @@ class Ledger:
         self.period: PeriodKind = period
         self.timeout = timeout if timeout is not None else timedelta(seconds=120)
         self.lease_timeout = lease_timeout if lease_timeout is not None else timedelta(seconds=30)
-        self.leased: dict[str, int] = {}  # user -> units held in leases, not spent yet
-        self._leased_in: dict[tuple[str, datetime], int] = {}  # the same by (user, period)
+        self.leased: dict[tuple[str, datetime], int] = {}  # (user, period) -> lease units unspent
         self.reservations: dict[str, Reservation] = {}  # by reservation id
         self._keys: dict[tuple[str, str], Reservation] = {}  # by (user, key): the latest one
         self._expiry: list[tuple[datetime, str, int]] = []  # heap of (expires_at, reservation id, version)
@@ -261,8 +260,8 @@ class Ledger:
         """Units of this user's allowance held by leases and not spent yet (`at`: only those
         of the period that holds this instant)."""
         if at is None:
-            return self.leased.get(user_id, 0)
-        return self._leased_in.get((user_id, period_start(at, self.period)), 0)
+            return sum(n for (user, _), n in self.leased.items() if user == user_id)
+        return self.leased.get((user_id, period_start(at, self.period)), 0)
 
     def lease_size(self, account: Account, now: datetime, most: int) -> int:
         """How many calls a lease for this user may hold now: 0 when it is not worth one.
@@ -567,9 +566,8 @@ class Ledger:
                 return
             balance.held += fact.amount
             if fact.lease:
-                self.leased[fact.user_id] = self.leased.get(fact.user_id, 0) + fact.amount
                 in_period = (fact.user_id, fact.period_start)
-                self._leased_in[in_period] = self._leased_in.get(in_period, 0) + fact.amount
+                self.leased[in_period] = self.leased.get(in_period, 0) + fact.amount
         else:
             slot = (fact.user_id, fact.kind)
             self.slots[slot] = self.slots.get(slot, 0) + fact.amount
@@ -626,8 +624,7 @@ class Ledger:
             self._leased_less(found, found.unspent)
 
     def _leased_less(self, lease: Reservation, amount: int) -> None:
-        _less(self.leased, lease.user_id, amount)
-        _less(self._leased_in, (lease.user_id, lease.period_start), amount)
+        _less(self.leased, (lease.user_id, lease.period_start), amount)
 
     # -- fingerprint -----------------------------------------------------------------------
     def balances(self) -> dict[str, int]:
