@@ -98,7 +98,7 @@ class Usage(Protocol):
 
     def touch(self, used: dict[str, datetime]) -> None: ...
     def last_used(self, secret_ids: list[str]) -> dict[str, datetime]: ...
-    def forget(self, secret_id: str) -> None: ...
+    def forget(self, secret_id: str, at: datetime) -> None: ...
 
 
 class Sealing(msgspec.Struct, frozen=True):
@@ -242,7 +242,7 @@ class Secrets(Application[uuid.UUID]):
             self.keystore.destroy_secret(str(sid))
             if secret.revoke(now(), meta):
                 self.save(secret)
-            self.usage.forget(str(sid))
+            self.usage.forget(str(sid), now())
             self._remember(secret)
 
         retrying(attempt)
