@@ -166,11 +166,13 @@ class Tree:
                 yield kind_of(proc), proc
 
     def cpu(self) -> dict[str, float]:
+        """kind -> user + system seconds, and "kind sys" -> the system (kernel) part alone."""
         by_kind: dict[str, float] = defaultdict(float)
         for kind, proc in self.processes():
             with suppress(psutil.Error):
                 t = proc.cpu_times()
                 by_kind[kind] += t.user + t.system
+                by_kind[f"{kind} sys"] += t.system
         return by_kind
 
     def memory(self) -> dict[str, tuple[int, int]]:
@@ -184,7 +186,7 @@ class Tree:
 
 
 def own(cpu: dict[str, float]) -> float:
-    return sum(v for k, v in cpu.items() if k not in Tree.INFRA)
+    return sum(v for k, v in cpu.items() if k not in Tree.INFRA and not k.endswith(" sys"))
 
 
 def minus(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
@@ -209,7 +211,8 @@ class Meter:
 
 @contextmanager
 def profiling(tree: Tree, into: Path | None) -> Iterator[None]:
-    """`--profile DIR`: py-spy samples every Gatehouse process during the c=16 phase."""
+    """`--profile DIR`: py-spy samples every Gatehouse process during the c=16 phase
+    (`--profile-c1`: the c=1 phase)."""
     if into is None:
         yield
         return
@@ -320,7 +323,7 @@ async def measure(args: argparse.Namespace, platform: Platform, upstream_url: st
     meter1 = Meter(tree, idle)
     lat_direct: list[float] = []
     lat_gateway: list[float] = []
-    with meter1.counting():
+    with meter1.counting(), profiling(tree, args.profile if args.profile_c1 else None):
         for i in range(args.rounds):
             order = ("d", "g") if i % 2 == 0 else ("g", "d")
             for which in order:
@@ -339,7 +342,7 @@ async def measure(args: argparse.Namespace, platform: Platform, upstream_url: st
     await asyncio.sleep(1.0)
     tput_direct = await throughput(directs, args.n16)
     meter16 = Meter(tree, idle)
-    with meter16.counting(), profiling(tree, args.profile):
+    with meter16.counting(), profiling(tree, None if args.profile_c1 else args.profile):
         wall = time.perf_counter()
         tput_gateway = await throughput(gateways, args.n16)
         wall = time.perf_counter() - wall
@@ -412,12 +415,13 @@ def report(
         print(f"{name:44}{value:>12}    {'met' if ok else 'MISSED'}")
     busy = own(cpu16) / wall16
     print(f"\nCPU per call by process (us, idle subtracted; services busy {busy:.2f} cores at c=16):")
-    kinds = sorted(set(cpu1) | set(cpu16), key=lambda k: (k in Tree.INFRA, -cpu16.get(k, 0.0)))
-    print(f"  {'':16}{'c=1':>8}{'c=16':>8}")
+    kinds = [k for k in set(cpu1) | set(cpu16) if not k.endswith(" sys") and k != "upstream"]
+    kinds.sort(key=lambda k: (k in Tree.INFRA, -cpu16.get(k, 0.0)))
+    print(f"  {'':16}{'c=1':>8}{'c=16':>8}   {'of which in the kernel (c=1, c=16)':>12}")
     for kind in kinds:
-        if kind == "upstream":
-            continue
-        print(f"  {kind:16}{cpu1.get(kind, 0.0) / n1 * 1e6:8.0f}{cpu16.get(kind, 0.0) / n16 * 1e6:8.0f}")
+        per1, per16 = cpu1.get(kind, 0.0) / n1 * 1e6, cpu16.get(kind, 0.0) / n16 * 1e6
+        sys1, sys16 = cpu1.get(f"{kind} sys", 0.0) / n1 * 1e6, cpu16.get(f"{kind} sys", 0.0) / n16 * 1e6
+        print(f"  {kind:16}{per1:8.0f}{per16:8.0f}   {sys1:8.0f}{sys16:8.0f}")
     print(f"  {'Gatehouse (sum)':16}{own1:8.0f}{own16:8.0f}   (services only, without NATS and PostgreSQL)")
 
 
@@ -427,6 +431,9 @@ def main() -> None:
     parser.add_argument("--n16", type=int, default=10000, help="calls per path at concurrency 16")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds at concurrency 1")
     parser.add_argument("--profile", type=Path, help="py-spy (raw folded stacks) of each service at c=16")
+    parser.add_argument(
+        "--profile-c1", action="store_true", help="with --profile: sample the c=1 phase instead"
+    )
     parser.add_argument(
         "--tier",
         choices=("enterprise", "team"),

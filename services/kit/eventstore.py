@@ -1,10 +1,10 @@
 """Each service's eventsourcing application on PostgreSQL, in a schema of its own."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import psycopg
-from eventsourcing.persistence import IntegrityError, StoredEvent
+from eventsourcing.persistence import IntegrityError, Notification, StoredEvent
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.sql import SQL, Composed, Identifier
 
@@ -71,12 +71,35 @@ def retrying(decide_and_save: Callable[[], T], attempts: int = 5) -> T:
 
 def insert_stored_events(schema: str, table: str) -> Composed:
     """One INSERT of a batch of stored events, its columns as the four `array_literals`;
-    returns each row's notification id."""
+    returns each row's notification id, originator id and version (`notifications`)."""
     return SQL(
         "INSERT INTO {}.{} (originator_id, originator_version, topic, state) "
         "SELECT * FROM unnest(%s::text::uuid[], %s::text::bigint[], %s::text::text[], %s::text::bytea[]) "
-        "RETURNING notification_id"
+        "RETURNING notification_id, originator_id, originator_version"
     ).format(Identifier(schema), Identifier(table))
+
+
+def notifications(
+    stored: Sequence[StoredEvent], rows: Sequence[Sequence[Any]], events: Sequence[Any]
+) -> list[tuple[Notification, Any]]:
+    """The committed rows of an `insert_stored_events` as notifications with their domain
+    events (`events[i]` is the one `stored[i]` encodes), in notification order."""
+    ids = {(str(row[1]), int(row[2])): int(row[0]) for row in rows}
+    fed = [
+        (
+            Notification(
+                id=ids[(str(s.originator_id), s.originator_version)],
+                originator_id=s.originator_id,
+                originator_version=s.originator_version,
+                topic=s.topic,
+                state=s.state,
+            ),
+            e,
+        )
+        for s, e in zip(stored, events, strict=True)
+    ]
+    fed.sort(key=lambda row: row[0].id)
+    return fed
 
 
 def _quoted(text: str) -> str:

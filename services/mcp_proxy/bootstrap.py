@@ -11,7 +11,7 @@ from services.kit.config import Settings
 from services.kit.eventstore import store_env
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
-from services.kit.outbox import OutboxRelay
+from services.kit.outbox import Fed, OutboxRelay
 from services.kit.projection import LIVE_LINGER_S, ProjectionConsumer
 from services.kit.rpc import CommandClient, CommandServer
 from services.mcp_proxy.adapters.commands import CancelListener, routes
@@ -71,6 +71,16 @@ class PromptStop:
         stopping.cancel()
 
 
+def fed_to(outbox: OutboxRelay) -> Callable[[list[Fed]], None]:
+    """The call facts the recorder saved go to the relay as they are, published at once."""
+
+    def feed(rows: list[Fed]) -> None:
+        outbox.feed(rows)
+        outbox.wake()
+
+    return feed
+
+
 def cursor_key(settings: Settings) -> bytes:
     """Shared by every instance so any of them continues a page another one started."""
     label = b"gatehouse mcp history cursor v1"
@@ -86,8 +96,13 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     store = ProxyStore(env=store_env(settings, SCHEMA))
     outbox = OutboxRelay(SCHEMA, store, bus, translate)
     store.on_saved = outbox.nudge
-    relay = PromptStop(outbox, quiet=lambda: setattr(store, "on_saved", lambda: None))
-    facts = FactWriter(store, url)
+    facts = FactWriter(store, url, on_rows=fed_to(outbox))
+
+    def quiet() -> None:
+        store.on_saved = lambda: None
+        facts.on_rows = lambda _: None
+
+    relay = PromptStop(outbox, quiet=quiet)
     recorder = Recorder(facts.write, proxy.record_batch, proxy.record_interval_ms / 1000)
     changes = ToolChanges(bus)  # an upstream's own tools/list_changed, told to the gateway
     upstreams = UpstreamRouter(

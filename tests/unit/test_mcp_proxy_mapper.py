@@ -48,3 +48,15 @@ def test_other_events_keep_the_transcoder(store: ProxyStore) -> None:
         stored = store.mapper.to_stored_event(event)
         assert not stored.state.startswith(b'{"originator_id":')
         assert store.mapper.to_domain_event(stored) == event
+
+
+def test_the_event_made_without_the_aggregate_is_the_aggregates_own(store: ProxyStore) -> None:
+    record = call_record(status="error", reached_upstream=False, error="could not start: ünïcode")
+    direct, made = ToolCall.completed(record), ToolCall.of(record).collect_events()[0]
+    assert type(direct) is type(made)
+    same = {"originator_id": made.originator_id, "timestamp": made.timestamp}
+    assert type(direct)(**{**vars(direct), **same}) == made  # only its id and time differ
+    assert direct.originator_version == 1 and direct.originator_id != made.originator_id
+    stored = store.mapper.to_stored_event(direct)
+    assert store.mapper.to_domain_event(stored) == direct
+    assert stored.topic == store.mapper.to_stored_event(made).topic

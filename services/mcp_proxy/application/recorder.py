@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
-from eventsourcing.domain import Aggregate, DomainEvent
+from eventsourcing.domain import DomainEvent
 
 from contracts.commands.common import CommandMeta
 from services.kit.tasks import stop_task
@@ -136,13 +136,13 @@ class Recorder:
 
     def _events(self, batch: list[Record]) -> list[DomainEvent]:
         """The batch's facts as the events of their aggregates (changes nothing here)."""
-        aggregates: list[Aggregate] = []
+        events: list[Any] = []
         processes: dict[str, UpstreamProcess] = {}
         for record in batch:
             if isinstance(record, CallRecord):
-                aggregates.append(ToolCall.of(record))
+                events.append(ToolCall.completed(record))
             elif isinstance(record, RequestRecord):
-                aggregates.append(UpstreamRequest.of(record))
+                events.extend(UpstreamRequest.of(record).collect_events())
             elif record.reason is None:
                 processes[record.token] = UpstreamProcess.of(record)
             else:
@@ -155,7 +155,7 @@ class Recorder:
                     agg.collect_events()  # its Started event is already saved
                     processes[record.token] = agg
                 agg.stop(record.reason)
-        events: list[Any] = [e for agg in (*aggregates, *processes.values()) for e in agg.collect_events()]
+        events.extend(e for agg in processes.values() for e in agg.collect_events())
         return events
 
     def _remember(self, batch: list[Record]) -> None:

@@ -8,11 +8,12 @@ batches by the recorder (application/recorder.py), never one transaction per cal
 
 import hashlib
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from eventsourcing.domain import Aggregate, event
+from eventsourcing.utils import get_topic
 
 from contracts.commands.mcp import CallStatus
 
@@ -85,21 +86,41 @@ class ToolCall(Aggregate):
 
     @classmethod
     def of(cls, r: CallRecord) -> "ToolCall":
-        return cls(
-            request_id=r.request_id,
-            user_id=r.user_id,
-            server=r.server,
-            tool_name=r.tool_name,
-            status=r.status,
-            duration_ms=r.duration_ms,
-            arguments_sha256=r.arguments_sha256,
-            arguments_bytes=r.arguments_bytes,
-            result_bytes=r.result_bytes,
-            reached_upstream=r.reached_upstream,
-            started_at=r.started_at,
-            error=r.error,
-            meta={**r.meta, "org_id": r.org_id},
+        return cls(**_call_fields(r))
+
+    @staticmethod
+    def completed(r: CallRecord) -> Any:
+        """The call's one event, made without the aggregate: the same event `of` records, in
+        a third of the time (~10 µs here), since nothing reads a ToolCall back. (Any: the
+        event class is made by eventsourcing's `@event`, which mypy cannot see.)"""
+        return ToolCall.Completed(  # type: ignore[attr-defined]
+            originator_id=uuid.uuid4(),
+            originator_version=1,
+            timestamp=datetime.now(UTC),
+            originator_topic=TOOL_CALL_TOPIC,
+            **_call_fields(r),
         )
+
+
+TOOL_CALL_TOPIC = get_topic(ToolCall)
+
+
+def _call_fields(r: CallRecord) -> dict[str, Any]:
+    return dict(
+        request_id=r.request_id,
+        user_id=r.user_id,
+        server=r.server,
+        tool_name=r.tool_name,
+        status=r.status,
+        duration_ms=r.duration_ms,
+        arguments_sha256=r.arguments_sha256,
+        arguments_bytes=r.arguments_bytes,
+        result_bytes=r.result_bytes,
+        reached_upstream=r.reached_upstream,
+        started_at=r.started_at,
+        error=r.error,
+        meta={**r.meta, "org_id": r.org_id},
+    )
 
 
 class UpstreamProcess(Aggregate):

@@ -3,10 +3,11 @@
 Callers submit the facts of a decision and await the batch they joined. One batch is
 written at a time; whatever is submitted meanwhile forms the next one, so batches grow
 with load (no timer: an idle writer writes a lone fact at once). A written batch is one
-INSERT (one transaction, one fsync) of all its facts plus the writer's seal.
+INSERT (one transaction, one fsync) of all its facts plus the writer's seal, whose rows go
+to the outbox relay with their events (`on_rows`), so it need not read them back.
 
 The rows are eventsourcing's stored events (its mapper encodes them; its recorder reads
-them back for the outbox relay and at load), written with one asynchronous psycopg
+them back at load, and for the outbox relay when it was not fed), written with one asynchronous psycopg
 statement on the event loop: the library's own insert is synchronous and, run in a worker
 thread, cost about half of the service's CPU here in thread hand-offs and parameter
 dumping. The table lock eventsourcing takes to keep notification ids in commit order is
@@ -28,7 +29,8 @@ from typing import Any
 import psycopg
 from eventsourcing.domain import DomainEvent
 
-from services.kit.eventstore import array_literals, insert_stored_events
+from services.kit.eventstore import array_literals, insert_stored_events, notifications
+from services.kit.outbox import Fed
 from services.kit.tasks import stop_task
 from services.quota.adapters.store import QuotaStore, recordable
 from services.quota.application import Entry, WriteFailed
@@ -51,10 +53,11 @@ class GroupWriter:
         holder: str,
         on_written: Callable[[], None] = lambda: None,
         on_failure: Callable[[BaseException], None] = lambda _: None,
+        on_rows: Callable[[list[Fed]], None] = lambda _: None,
         max_events: int = 1000,
     ) -> None:
         self.store, self.database_url, self.holder, self.max_events = store, database_url, holder, max_events
-        self.on_written, self.on_failure = on_written, on_failure
+        self.on_written, self.on_failure, self.on_rows = on_written, on_failure, on_rows
         self.fence = 0  # the writer seal's last version
         self.position = 0  # last notification id written
         self.batches = 0
@@ -155,7 +158,8 @@ class GroupWriter:
         """The seal first, then the facts, in one statement; returns the last notification id."""
         events: list[DomainEvent] = [self.store.seal(version, self.holder, len(entries), datetime.now(UTC))]
         events.extend(recordable(fact, reservation, meta) for fact, reservation, meta in entries)
-        params = array_literals([self.store.mapper.to_stored_event(e) for e in events])
+        stored = [self.store.mapper.to_stored_event(e) for e in events]
+        params = array_literals(stored)
         try:
             if self._conn is None or self._conn.closed:
                 self._conn = await psycopg.AsyncConnection.connect(
@@ -168,6 +172,7 @@ class GroupWriter:
                 conn, self._conn = self._conn, None
                 await conn.close()
             raise
+        self.on_rows(notifications(stored, rows, events))
         return max(int(row[0]) for row in rows)
 
     @staticmethod
