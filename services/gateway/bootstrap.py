@@ -8,6 +8,7 @@ import uvicorn
 from litestar import Litestar
 
 from services.gateway.adapters.http.app import create_app
+from services.gateway.adapters.http.corked import CorkedHttpToolsProtocol
 from services.gateway.adapters.identity_feed import IdentityFeed
 from services.gateway.application import Gateway
 from services.gateway.domain import AccessView
@@ -40,6 +41,20 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def server_config(app: Litestar, host: str, port: int) -> uvicorn.Config:
+    """uvicorn as the gateway runs it (tests serve the app with the same)."""
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=CorkedHttpToolsProtocol,  # one send per response (corked.py)
+        log_config=None,
+        access_log=False,
+        lifespan="off",
+        server_header=False,
+    )
+
+
 async def serve(settings: Settings) -> None:
     configure_logging("gateway", settings.log_level)
     configure_tracing("gateway", settings.trace_export)
@@ -47,16 +62,7 @@ async def serve(settings: Settings) -> None:
     bus = await connect(settings, "gateway")
     await ensure_stream(bus, settings)
     app, feed = await assemble(settings, bus)
-    config = uvicorn.Config(
-        app,
-        host=settings.http_host,
-        port=settings.http_port,
-        http="httptools",
-        log_config=None,
-        access_log=False,
-        lifespan="off",
-        server_header=False,
-    )
+    config = server_config(app, settings.http_host, settings.http_port)
     log.info("gateway listening on http://%s:%d", settings.http_host, settings.http_port)
     try:
         await GatewayServer(config, app).serve()

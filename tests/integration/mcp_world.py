@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from litestar import Litestar
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -23,7 +22,7 @@ from contracts.commands.common import CommandMeta
 from contracts.commands.identity import CreateUser, UserCreated
 from contracts.commands.mcp import Caller
 from contracts.envelope import Actor
-from services.gateway.bootstrap import GatewayServer, assemble
+from services.gateway.bootstrap import GatewayServer, assemble, server_config
 from services.identity.bootstrap import build as identity_build
 from services.kit.bus import Bus, connect, ensure_stream
 from services.kit.config import Settings, load_settings
@@ -86,11 +85,8 @@ def platform_settings(
 
 @asynccontextmanager
 async def served(app: Litestar) -> AsyncIterator[str]:
-    """The app over real HTTP (uvicorn with httptools, as in production) in this event loop."""
-    config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, http="httptools", lifespan="off", log_config=None, access_log=False
-    )
-    server = GatewayServer(config, app)  # ends the MCP event streams at shutdown
+    """The app over real HTTP (uvicorn with corked httptools, as in production) in this event loop."""
+    server = GatewayServer(server_config(app, "127.0.0.1", 0), app)  # ends the MCP event streams at shutdown
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     await eventually(lambda: asyncio.sleep(0, server.started), timeout=10)

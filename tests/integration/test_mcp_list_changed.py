@@ -15,12 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from litestar import Litestar
 
 from contracts.commands.identity import UserCreated
 from services.gateway.adapters.http import mcp_listen
-from services.gateway.bootstrap import GatewayServer
+from services.gateway.bootstrap import GatewayServer, server_config
 from services.kit.config import Settings
 from tests.helpers import eventually
 from tests.integration.mcp_world import MODERN, bearer, platform_settings, real_proxy, replica
@@ -370,10 +369,7 @@ async def test_the_official_sdk_client_receives_it(stack: Stack) -> None:
 
 async def test_shutdown_ends_open_streams(stack: Stack) -> None:
     async with replica(stack.settings) as (app, _):
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, http="httptools", lifespan="off", log_config=None, access_log=False
-        )
-        server = GatewayServer(config, app)
+        server = GatewayServer(server_config(app, "127.0.0.1", 0), app)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
         try:
