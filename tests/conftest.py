@@ -18,6 +18,7 @@ import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from services.kit.bus import Bus, connect, ensure_stream
 from services.kit.config import Settings, load_settings
 from services.kit.embedded import EmbeddedNats, EmbeddedPostgres
 
@@ -95,3 +96,12 @@ def service_env(nats_url: str, database_url: str, pepper: str, tmp_path: Path) -
 @pytest.fixture
 def settings(service_env: dict[str, str]) -> Settings:
     return load_settings(service_env)
+
+
+@pytest.fixture
+async def stream_bus(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+    """A bus connection (named after the test) with the GATEHOUSE_EVENTS stream in place."""
+    bus = await connect(settings, f"test-{request.node.name}"[:64])
+    await ensure_stream(bus, settings)
+    yield bus
+    await bus.close()

@@ -5,14 +5,13 @@ Real NATS and PostgreSQL; mcp_proxy's store and fact writer (the per-call facts)
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 import pytest
 
-from services.kit.bus import Bus, connect, ensure_stream
+from services.kit.bus import Bus
 from services.kit.config import Settings
 from services.kit.eventstore import store_env
 from services.kit.outbox import NOTIFICATION_HEADER, Fed, OutboxRelay
@@ -37,11 +36,8 @@ class CountingRelay(OutboxRelay):
 
 
 @pytest.fixture
-async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    bus = await connect(settings, "test-outbox-feed")
-    await ensure_stream(bus, settings)
-    yield bus
-    await bus.close()
+def bus(stream_bus: Bus) -> Bus:
+    return stream_bus
 
 
 def call(n: int) -> ToolCall:

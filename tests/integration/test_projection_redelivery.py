@@ -19,7 +19,7 @@ from contracts.envelope import Actor, Envelope, encode_envelope, payload_bytes
 from contracts.events.identity import OrgCreated
 from contracts.subjects import STREAM
 from services.kit.bus import Bus, connect, ensure_stream
-from services.kit.config import Settings, load_settings
+from services.kit.config import load_settings
 from services.kit.embedded import EmbeddedNats
 from services.kit.projection import Delivered, ProjectionConsumer
 from tests.helpers import eventually
@@ -59,11 +59,8 @@ async def reset(conn: psycopg.AsyncConnection[Any]) -> None:
 
 
 @pytest.fixture
-async def bus(settings: Settings) -> AsyncIterator[Bus]:
-    bus = await connect(settings, "test-projection")
-    await ensure_stream(bus, settings)
-    yield bus
-    await bus.close()
+def bus(stream_bus: Bus) -> Bus:
+    return stream_bus
 
 
 @pytest.fixture
