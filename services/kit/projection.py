@@ -89,10 +89,12 @@ def decode_delivered(stream_seq: int, subject: str, raw: bytes) -> Delivered:
     return Delivered(stream_seq, subject, raw, envelope, payload)
 
 
-# What live projections that only feed reads (audit, call history) wait for a fuller batch:
-# a tool call's events come from two relays within ~20 ms of each other (quota's wakes at
-# most every 20 ms), so they usually share one transaction.
-LIVE_LINGER_S = 0.025
+# What live projections that only feed reads (audit, call history) wait for a fuller batch
+# after one that was not full: a tool call's events come from two relays up to ~70 ms apart
+# (mcp_proxy reports its uses every 50 ms, quota's relay wakes every 20 ms), so they usually
+# share one transaction. At one caller, 100 rather than 25 ms halved audit's CPU per call
+# (docs/mcp.md, "Eighth session"); a full batch is fetched again at once.
+LIVE_LINGER_S = 0.1
 
 Apply = Callable[[psycopg.AsyncConnection[Any], Delivered], Awaitable[None]]
 ApplyBatch = Callable[[psycopg.AsyncConnection[Any], list[Delivered]], Awaitable[None]]

@@ -58,7 +58,7 @@ class Lease:
 
 
 class QuotaService:
-    def __init__(self, client: CommandClient, timeout_s: float = 5.0, usage_interval_s: float = 0.02) -> None:
+    def __init__(self, client: CommandClient, timeout_s: float = 5.0, usage_interval_s: float = 0.05) -> None:
         self.client, self.timeout_s, self.usage_interval_s = client, timeout_s, usage_interval_s
         self._settling: set[asyncio.Task[None]] = set()
         self._unmetered: dict[tuple[str, str], float] = {}  # (user, tier) -> monotonic deadline
