@@ -13,7 +13,7 @@ from services.dispatcher.config import load_dispatcher_settings
 from services.kit.buildbus import ensure_build_streams, heartbeat_bucket
 from services.kit.bus import Bus
 from services.kit.config import Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
@@ -24,8 +24,7 @@ SCHEMA = "dispatcher"
 
 async def build(bus: Bus, settings: Settings) -> list[Component]:
     config = load_dispatcher_settings()
-    env = store_env(settings, SCHEMA)
-    book = await asyncio.to_thread(BuildBook, env)
+    book = await asyncio.to_thread(open_store, settings, SCHEMA, BuildBook)
     await ensure_build_streams(bus, config.log_retention_s)
     kv = await heartbeat_bucket(bus, config.heartbeat_ttl_s)
     client = CommandClient(bus)

@@ -5,7 +5,7 @@ from services.identity.adapters.outbox import translate
 from services.identity.application import Identity
 from services.kit.bus import Bus
 from services.kit.config import Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
@@ -13,7 +13,8 @@ from services.kit.rpc import CommandServer
 
 
 async def build(bus: Bus, settings: Settings) -> list[Component]:
-    app = Identity(pepper=settings.require_pepper(), env=store_env(settings, "identity"))
+    pepper = settings.require_pepper()
+    app = open_store(settings, "identity", lambda env: Identity(pepper=pepper, env=env))
     relay = OutboxRelay("identity", app, bus, translate)
     app.on_saved = relay.nudge
     server = CommandServer(bus, "identity")

@@ -35,15 +35,19 @@ def postgres_env(database_url: str, schema: str) -> dict[str, str]:
     }
 
 
-def ensure_schema(database_url: str, schema: str) -> None:
-    with psycopg.connect(database_url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+A = TypeVar("A")
 
 
-def store_env(settings: Settings, schema: str) -> dict[str, str]:
+def open_store(settings: Settings, schema: str, make: Callable[[dict[str, str]], A]) -> A:
+    """`make(env)`: the service's eventsourcing application in `schema`, which it creates
+    with its tables when missing. Instances starting together take turns (a PostgreSQL
+    advisory lock per schema): eventsourcing runs `CREATE OR REPLACE FUNCTION` on every
+    start, and two at once fail one of them with "tuple concurrently updated"."""
     url = settings.require_database()
-    ensure_schema(url, schema)
-    return postgres_env(url, schema)
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"gatehouse store setup {schema}"])
+        conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
+        return make(postgres_env(url, schema))  # closing the connection releases the lock
 
 
 def database_alive(database_url: str) -> bool:

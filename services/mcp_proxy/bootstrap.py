@@ -8,7 +8,7 @@ from collections.abc import Callable
 from contracts.subjects import event_subject
 from services.kit.bus import Bus
 from services.kit.config import Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import Fed, OutboxRelay
@@ -93,7 +93,7 @@ async def build(bus: Bus, settings: Settings, quota: QuotaGate | None = None) ->
     proxy = load_proxy_settings(settings.data_dir)
     url = settings.require_database()
     tables = ProxyTables(url, SCHEMA)  # started first: it creates the schema's read tables
-    store = ProxyStore(env=store_env(settings, SCHEMA))
+    store = open_store(settings, SCHEMA, lambda env: ProxyStore(env=env))
     outbox = OutboxRelay(SCHEMA, store, bus, translate)
     store.on_saved = outbox.nudge
     facts = FactWriter(store, url, on_rows=fed_to(outbox))

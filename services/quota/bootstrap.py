@@ -5,7 +5,7 @@ from collections.abc import Callable
 
 from services.kit.bus import Bus
 from services.kit.config import Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
@@ -21,12 +21,6 @@ from services.quota.application import Quota, Source
 from services.quota.config import load_quota_settings
 
 SCHEMA = "quota"
-
-
-def store_settings(settings: Settings) -> dict[str, str]:
-    """The kit's eventsourcing settings; the store is only read through eventsourcing here
-    (loading, the outbox relay): the group writer inserts with its own connection."""
-    return store_env(settings, SCHEMA)
 
 
 def coalesced(nudge: Callable[[], None], delay_s: float = 0.02) -> Callable[[], None]:
@@ -55,7 +49,9 @@ def coalesced(nudge: Callable[[], None], delay_s: float = 0.02) -> Callable[[], 
 
 async def build(bus: Bus, settings: Settings) -> list[Component]:
     quota_settings = load_quota_settings()
-    store = QuotaStore(env=store_settings(settings))
+    # Read through eventsourcing only (loading, the outbox relay): the group writer inserts
+    # with its own connection.
+    store = open_store(settings, SCHEMA, lambda env: QuotaStore(env=env))
     relay = OutboxRelay("quota", store, bus, translate)
     writer = GroupWriter(
         store, settings.require_database(), holder="", on_written=coalesced(relay.wake), on_rows=relay.feed

@@ -8,7 +8,7 @@ import asyncio
 
 from services.kit.bus import Bus
 from services.kit.config import ConfigError, Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.history import serve_stored_events
 from services.kit.host import Component, add_ping
 from services.kit.outbox import OutboxRelay
@@ -38,7 +38,6 @@ def check_keys(keyring: Keyring, usage: dict[str, int]) -> None:
 
 async def build(bus: Bus, settings: Settings) -> list[Component]:
     keyring = load_keyring(settings)
-    env = store_env(settings, SCHEMA)
     keystore = PostgresKeystore(settings.require_database(), SCHEMA)
     usage = PostgresUsage(settings.require_database(), SCHEMA)
     try:
@@ -46,7 +45,12 @@ async def build(bus: Bus, settings: Settings) -> list[Component]:
         await asyncio.to_thread(usage.open)
         check_keys(keyring, await asyncio.to_thread(keystore.usage))
         app = await asyncio.to_thread(
-            lambda: Secrets(keyring, keystore, usage, env=env, reload_keyring=lambda: load_keyring(settings))
+            open_store,
+            settings,
+            SCHEMA,
+            lambda env: Secrets(
+                keyring, keystore, usage, env=env, reload_keyring=lambda: load_keyring(settings)
+            ),
         )
     except BaseException:
         keystore.close()

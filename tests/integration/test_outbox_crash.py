@@ -20,7 +20,7 @@ from services.identity.adapters.outbox import translate
 from services.identity.application import Identity
 from services.kit.bus import Bus, connect
 from services.kit.config import Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.outbox import NOTIFICATION_HEADER, event_id_for
 from services.kit.rpc import CommandClient, CommandFailed
 from tests.helpers import (
@@ -67,7 +67,8 @@ async def bus(settings: Settings) -> AsyncIterator[Bus]:
 
 def recorded_events(settings: Settings) -> dict[str, str]:
     """event id -> event type of every public event identity has recorded in its store."""
-    app = Identity(pepper=settings.require_pepper(), env=store_env(settings, "identity"))
+    pepper = settings.require_pepper()
+    app = open_store(settings, "identity", lambda env: Identity(pepper=pepper, env=env))
     try:
         out: dict[str, str] = {}
         position = 0

@@ -13,7 +13,7 @@ import pytest
 
 from services.kit.bus import Bus
 from services.kit.config import Settings
-from services.kit.eventstore import store_env
+from services.kit.eventstore import open_store
 from services.kit.outbox import NOTIFICATION_HEADER, Fed, OutboxRelay
 from services.mcp_proxy.adapters.fact_writer import FactWriter
 from services.mcp_proxy.adapters.outbox import translate
@@ -74,7 +74,7 @@ async def published_requests(bus: Bus, n: int) -> list[tuple[int, str]] | None:
 async def test_fed_rows_are_published_in_order_without_a_store_read_and_a_gap_reads_the_store(
     bus: Bus, settings: Settings
 ) -> None:
-    store = ProxyStore(env=store_env(settings, SCHEMA))
+    store = open_store(settings, SCHEMA, lambda env: ProxyStore(env=env))
     relay = CountingRelay(SCHEMA, store, bus, translate, poll_s=30.0)  # no polling: only wakes
     fed: list[list[Fed]] = []
 
@@ -118,7 +118,7 @@ async def test_fed_rows_are_published_in_order_without_a_store_read_and_a_gap_re
 
 
 async def test_a_relay_that_does_not_follow_keeps_nothing_it_is_fed(bus: Bus, settings: Settings) -> None:
-    store = ProxyStore(env=store_env(settings, SCHEMA))
+    store = open_store(settings, SCHEMA, lambda env: ProxyStore(env=env))
     relay = OutboxRelay(SCHEMA, store, bus, translate)
     writer = FactWriter(store, settings.require_database(), on_rows=relay.feed)
     try:

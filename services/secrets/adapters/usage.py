@@ -26,6 +26,7 @@ CREATE TABLE IF NOT EXISTS {s}.usage (
 ALTER TABLE {s}.usage ALTER COLUMN last_used_at DROP NOT NULL;
 ALTER TABLE {s}.usage ADD COLUMN IF NOT EXISTS forgotten_at timestamptz;
 """
+_DDL_LOCK = 0x6761746575736167  # advisory lock: instances starting at once create (and migrate) once
 
 
 class PostgresUsage:
@@ -44,7 +45,8 @@ class PostgresUsage:
             kwargs={"connect_timeout": 5, "autocommit": True},
         )
         pool.open(wait=True, timeout=10)
-        with pool.connection() as conn:
+        with pool.connection() as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", [_DDL_LOCK])
             conn.execute(SQL(_DDL).format(s=Identifier(self.schema)))
         self._pool = pool
 
