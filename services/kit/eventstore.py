@@ -1,6 +1,7 @@
 """Each service's eventsourcing application on PostgreSQL, in a schema of its own."""
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import psycopg
@@ -44,10 +45,21 @@ def open_store(settings: Settings, schema: str, make: Callable[[dict[str, str]],
     advisory lock per schema): eventsourcing runs `CREATE OR REPLACE FUNCTION` on every
     start, and two at once fail one of them with "tuple concurrently updated"."""
     url = settings.require_database()
-    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", [f"gatehouse store setup {schema}"])
+    with psycopg.connect(url, autocommit=True, connect_timeout=5) as conn, schema_setup(conn, schema):
         conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
-        return make(postgres_env(url, schema))  # closing the connection releases the lock
+        return make(postgres_env(url, schema))
+
+
+@contextmanager
+def schema_setup(conn: psycopg.Connection[Any], schema: str) -> Iterator[None]:
+    """Holds `schema`'s start-up lock on `conn` while the block creates tables in it (a
+    session lock, released at the end even when `conn` goes back to a pool)."""
+    key = [f"gatehouse store setup {schema}"]
+    conn.execute("SELECT pg_advisory_lock(hashtext(%s))", key)
+    try:
+        yield
+    finally:
+        conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", key)
 
 
 def database_alive(database_url: str) -> bool:

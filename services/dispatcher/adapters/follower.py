@@ -19,6 +19,7 @@ from eventsourcing.application import Application
 from psycopg.sql import SQL, Identifier
 
 from services.kit.bus import Bus
+from services.kit.eventstore import schema_setup
 from services.kit.lease import Lease
 from services.kit.tasks import stop_task
 
@@ -56,8 +57,7 @@ class Follower:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        await self.in_thread(self._create_positions)
-        await self.in_thread(self.prepare)
+        await self.in_thread(self._create_tables)
         self._task = asyncio.create_task(self._run(), name=f"follower-{self.name}")
 
     async def stop(self) -> None:
@@ -112,6 +112,13 @@ class Follower:
         return [(n.id, self.app.mapper.to_domain_event(n)) for n in notifications]
 
     # -- the bookmark -------------------------------------------------------------------------------
+    def _create_tables(self) -> None:
+        """The bookmark's and the follower's tables, created by one starting instance at a time."""
+        datastore: Any = self.app.recorder.datastore  # type: ignore[attr-defined]
+        with datastore.get_connection() as conn, schema_setup(conn, self.schema):
+            self._create_positions()
+            self.prepare()
+
     def _create_positions(self) -> None:
         with self.app.recorder.datastore.get_connection() as conn:  # type: ignore[attr-defined]
             conn.execute(
