@@ -18,8 +18,9 @@ from services.kit.outbox import NOTIFICATION_HEADER, Fed, OutboxRelay
 from services.mcp_proxy.adapters.fact_writer import FactWriter
 from services.mcp_proxy.adapters.outbox import translate
 from services.mcp_proxy.application.store import ProxyStore
-from services.mcp_proxy.domain.calls import CallRecord, ToolCall
+from services.mcp_proxy.domain.calls import ToolCall
 from tests.helpers import eventually, stream_messages
+from tests.mcp_facts import call_record
 
 pytestmark = pytest.mark.integration
 SCHEMA = "mcp_proxy"
@@ -41,23 +42,7 @@ def bus(stream_bus: Bus) -> Bus:
 
 
 def call(n: int) -> ToolCall:
-    record = CallRecord(
-        request_id=f"req-{n}",
-        user_id="u1",
-        org_id="o1",
-        server="echo",
-        tool_name="echo",
-        status="success",
-        duration_ms=1.0,
-        arguments_sha256="0" * 64,
-        arguments_bytes=2,
-        result_bytes=2,
-        reached_upstream=True,
-        started_at=datetime.now(UTC),
-        error=None,
-        meta={"actor": {"kind": "user", "id": "u1"}, "correlation_id": f"req-{n}"},
-    )
-    return ToolCall.of(record)
+    return ToolCall.of(call_record(f"req-{n}", started_at=datetime.now(UTC)))
 
 
 async def published_requests(bus: Bus, n: int) -> list[tuple[int, str]] | None:

@@ -8,7 +8,7 @@ from eventsourcing.persistence import Mapper
 
 from services.mcp_proxy.application.store import ProxyMapper, ProxyStore
 from services.mcp_proxy.domain.calls import ProcessRecord, ToolCall, UpstreamProcess
-from tests.unit.mcp_facts import call_record
+from tests.mcp_facts import call_record
 
 pytestmark = pytest.mark.unit
 

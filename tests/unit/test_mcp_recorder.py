@@ -8,7 +8,7 @@ import pytest
 
 from services.mcp_proxy.application.recorder import Recorder
 from services.mcp_proxy.domain.calls import ProcessRecord
-from tests.unit.mcp_facts import call_record
+from tests.mcp_facts import call_record
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""Call records for the unit tests of mcp_proxy's recorder and store."""
+"""Call records for the tests of mcp_proxy's recorder, store and outbox feed."""
 
 from datetime import UTC, datetime
 from typing import Any
