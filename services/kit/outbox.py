@@ -8,7 +8,9 @@ loses nothing, and nothing already on the stream is published again.
 
 A batch is published pipelined: every message is sent, then the acks are checked in order
 (one awaited round trip per event cost ~0.2 ms and a write syscall each; pipelined, the
-connection's flusher coalesces them). JetStream stores the messages of one connection in
+connection's flusher coalesces them). The acks come back as replies on the connection's one
+reply subscription (`Replies.request_all`): nats-py's `publish_async` runs a `wait_for` task
+per message, and cost 38 µs of CPU an event against 20 µs (`bench/floors.py`). JetStream stores the messages of one connection in
 the order it received them, so the stream still never holds a later event without the
 earlier ones: an ack that fails or does not come means that message and, in practice, those
 after it were not stored. The relay does not rely on that alone: from the first message
@@ -43,6 +45,8 @@ from typing import Any, NamedTuple
 import msgspec
 from eventsourcing.application import Application
 from eventsourcing.persistence import Notification
+from nats.aio.msg import Msg
+from nats.js.api import Header
 from nats.js.errors import NotFoundError
 from psycopg.sql import SQL, Identifier
 
@@ -53,6 +57,7 @@ from services.kit import failpoints, telemetry
 from services.kit.bus import Bus
 from services.kit.ids import uuid5_text
 from services.kit.lease import Lease
+from services.kit.replies import replies
 from services.kit.tasks import stop_task
 
 log = logging.getLogger(__name__)
@@ -60,6 +65,32 @@ log = logging.getLogger(__name__)
 NOTIFICATION_HEADER = "Gatehouse-Notification-Id"
 BOOKMARK_EVERY_S = 1.0
 ACK_TIMEOUT_S = 5.0
+_EXPECTED_STREAM = Header.EXPECTED_STREAM.value  # the stream refuses a message meant for another
+
+
+class _PubAck(msgspec.Struct):
+    """JetStream's answer to a publish: `{"stream": ..., "seq": ...}`, or `{"error": {...}}`."""
+
+    stream: str = ""
+    seq: int = 0
+    error: dict[str, Any] | None = None
+
+
+_pub_ack = msgspec.json.Decoder(_PubAck)
+
+
+def stored(reply: Msg | None) -> bool:
+    """Whether this reply to a publish says the stream holds the message (a duplicate counts:
+    the stream had it already). No reply, a no-responders status or an error: not stored."""
+    if reply is None or reply.headers:  # acks carry no headers; statuses (503) do
+        return False
+    try:
+        ack = _pub_ack.decode(reply.data)
+    except msgspec.DecodeError:
+        return False
+    return ack.error is None and ack.stream == STREAM and ack.seq > 0
+
+
 BATCH = 200  # notifications per store read and per pipelined publish
 FED_MAX = 10_000  # rows kept from `feed`; past it the store is read instead
 EVENT_NAMESPACE = uuid.UUID("6f1d8a52-2c55-4c9e-9a43-5a1f0c1a9d11")
@@ -307,18 +338,14 @@ class OutboxRelay:
     async def _publish_all(self, batch: list[Fed]) -> None:
         """Sends every message of the batch, then checks the acks in order (module docstring)."""
         messages = [m for m in map(self._message, batch) if m is not None]
-        js = self.bus.js
-        acks: list[asyncio.Future[Any]] = []
-        try:
-            for m in messages:
-                await failpoints.stall_if("relay.before_publish")
-                acks.append(await js.publish_async(m.subject, m.body, stream=STREAM, headers=dict(m.headers)))
-            if acks:
-                await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
-        finally:
-            for ack in acks:
-                ack.cancel()  # no-op once done; frees the pending slot of one that never came
-        unconfirmed = [i for i, ack in enumerate(acks) if ack.cancelled() or ack.exception() is not None]
+        if not messages:
+            return
+        await failpoints.stall_if("relay.before_publish")
+        acks = await replies(self.bus.nc).request_all(
+            [(m.subject, m.body, {**m.headers, _EXPECTED_STREAM: STREAM}) for m in messages],
+            ACK_TIMEOUT_S,
+        )
+        unconfirmed = [i for i, ack in enumerate(acks) if not stored(ack)]
         if unconfirmed:
             failed = unconfirmed[0]
             log.warning(
@@ -328,5 +355,5 @@ class OutboxRelay:
                 len(acks),
             )
             for m in messages[failed:]:
-                await js.publish(m.subject, m.body, stream=STREAM, headers=dict(m.headers))
+                await self.bus.js.publish(m.subject, m.body, stream=STREAM, headers=dict(m.headers))
         self.published += len(messages)

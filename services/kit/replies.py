@@ -8,6 +8,7 @@ per connection), and its timeout is a plain `loop.call_later`.
 
 import asyncio
 import weakref
+from collections.abc import Sequence
 
 from nats.aio.client import NO_RESPONDERS_STATUS, Client
 from nats.aio.msg import Msg
@@ -56,6 +57,40 @@ class Replies:
         if msg.headers and msg.headers.get(Header.STATUS) == NO_RESPONDERS_STATUS:
             raise NoRespondersError
         return msg
+
+    async def request_all(
+        self, messages: Sequence[tuple[str, bytes, dict[str, str] | None]], timeout: float
+    ) -> list[Msg | None]:
+        """Sends every (subject, payload, headers) with a reply subject of its own, then waits
+        up to `timeout` for all the replies: each message's reply, or None where none came.
+
+        For JetStream publishes, whose acks are replies: nats-py's `publish_async` runs an
+        `asyncio.wait_for` task and a done callback per message. Here a batch costs a future
+        per message and one wait; the publishes leave together through the flusher.
+        """
+        nc = self._nc()
+        if nc is None:
+            raise ConnectionClosedError
+        if not self._base:
+            await self._subscribe(nc)
+        loop = asyncio.get_running_loop()
+        tokens: list[str] = []
+        futures: list[asyncio.Future[Msg | None]] = []
+        try:
+            for subject, payload, headers in messages:
+                self._count += 1
+                token = str(self._count)
+                future: asyncio.Future[Msg | None] = loop.create_future()
+                self._waiting[token] = future
+                tokens.append(token)
+                futures.append(future)
+                await nc.publish(subject, payload, reply=self._base + token, headers=headers)
+            if futures:
+                await asyncio.wait(futures, timeout=timeout)
+        finally:  # all answered, timed out, a failed publish or a cancelled caller
+            for token in tokens:
+                del self._waiting[token]
+        return [f.result() if f.done() else None for f in futures]
 
     async def _subscribe(self, nc: Client) -> None:
         async with self._subscribing:  # concurrent first calls subscribe once

@@ -1,5 +1,6 @@
 """Quota periods: UTC calendar months by default (UTC days for short-period deployments)."""
 
+import functools
 from datetime import UTC, datetime, timedelta
 
 from services.quota.domain.limits import PeriodKind
@@ -34,6 +35,7 @@ def seconds_until_next(at: datetime, kind: PeriodKind = "month") -> int:
     return max(1, int(-(-remaining // 1)))
 
 
+@functools.lru_cache(maxsize=64)  # asked for every charged call; a deployment has a few periods
 def label(start: datetime, kind: PeriodKind = "month") -> str:
     """`2026-11` for a month, `2026-11-21` for a day."""
     return start.strftime("%Y-%m") if kind == "month" else start.strftime("%Y-%m-%d")
