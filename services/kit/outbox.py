@@ -10,12 +10,13 @@ A batch is published pipelined: every message is sent, then the acks are checked
 (one awaited round trip per event cost ~0.2 ms and a write syscall each; pipelined, the
 connection's flusher coalesces them). The acks come back as replies on the connection's one
 reply subscription (`Replies.request_all`): nats-py's `publish_async` runs a `wait_for` task
-per message, and cost 38 µs of CPU an event against 20 µs (`bench/floors.py`). JetStream stores the messages of one connection in
-the order it received them, so the stream still never holds a later event without the
-earlier ones: an ack that fails or does not come means that message and, in practice, those
-after it were not stored. The relay does not rely on that alone: from the first message
-whose ack failed it publishes again one by one, awaiting each (`Nats-Msg-Id` drops what the
-stream already has); only if that fails too does it stop and resume from the stream.
+per message, and cost 38 µs of CPU an event against 20 µs (`bench/floors.py`).
+JetStream stores the messages of one connection in the order it received them, so the
+stream still never holds a later event without the earlier ones: an ack that fails or does
+not come means that message and, in practice, those after it were not stored. The relay
+does not rely on that alone: from the first message whose ack failed it publishes again one
+by one, awaiting each (`Nats-Msg-Id` drops what the stream already has); only if that fails
+too does it stop and resume from the stream.
 
 The relay also records how far it got in the service's own schema (at most every
 `BOOKMARK_EVERY_S` while busy, when it falls idle, and at stop), and resumes from the larger
