@@ -13,6 +13,13 @@ it, and reports the CPU per operation of the process that does it:
   subscription and no timeout task per request); the requester's and the responder's CPU.
 - `stdio`: an asyncio parent writing a line to a child's stdin and reading the child's line
   back, one child per worker (the child is the upstream, not counted); the parent's CPU.
+- `chain`: the same parts put together, still with no Gatehouse code: a uvicorn app that
+  sends each POST as a NATS request (lean requester) and answers with the reply, and a nats-py
+  responder that passes each request to a stdio child of its worker (a task per request,
+  as mcp_proxy's command server does) and replies with the child's line. Each child burns
+  `--burn-us` of CPU per line (700 µs by default, the SDK's own server per the issue), so at
+  16 workers the chain is bounded by its upstreams, as `bench/mcp_overhead.py` is; the CPU
+  per call of the two chain processes.
 - `jetstream`: what one event costs the pipeline on its way: published in batches of 20
   with a `Nats-Msg-Id` and its ack checked (the outbox relay; nats-py's `publish_async`
   and the kit's `Replies.request_all`, which the relay uses), and taken by a pull consumer
@@ -249,6 +256,85 @@ def js_consumer(url: str, n: int) -> None:
     run(main())
 
 
+def burning_child(burn_us: int) -> str:
+    return (
+        "import sys, time\n"
+        "out = sys.stdout.buffer\n"
+        "for line in sys.stdin.buffer:\n"
+        "    t = time.process_time()\n"
+        f"    while time.process_time() - t < {burn_us / 1e6!r}:\n"
+        "        pass\n"
+        f"    out.write({RESULT!r} + b'\\n')\n"
+        "    out.flush()\n"
+    )
+
+
+def chain_gateway(port: int, url: str) -> None:
+    import nats
+    import uvicorn
+
+    from services.kit.replies import replies
+
+    state: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    state["nc"] = await nats.connect(url)
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await state["nc"].close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        worker = scope["path"].rsplit("/", 1)[-1]
+        reply = await replies(state["nc"]).request(f"floors.chain.{worker}", body, 5.0)
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(reply.data))]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.data})
+
+    uvicorn.run(app, port=port, loop="uvloop", http="httptools", log_level="warning", access_log=False)
+
+
+def chain_proxy(url: str, workers: int, burn_us: int) -> None:
+    import nats
+
+    async def main() -> None:
+        children = []
+        for _ in range(workers):
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", burning_child(burn_us), stdin=subprocess.PIPE, stdout=subprocess.PIPE
+            )
+            children.append(child)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def handle(msg: Any) -> None:
+            child = children[int(msg.subject.rsplit(".", 1)[-1])]
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write(msg.data + b"\n")
+            await child.stdin.drain()
+            await msg.respond((await child.stdout.readline()).rstrip(b"\n"))
+
+        async def dispatch(msg: Any) -> None:
+            task = asyncio.create_task(handle(msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+        nc = await nats.connect(url)
+        await nc.subscribe("floors.chain.*", queue="floors", cb=dispatch)
+        await nc.flush()
+        print("ready", flush=True)
+        await asyncio.Event().wait()
+
+    run(main())
+
+
 # -- the measurements ------------------------------------------------------------------------
 
 
@@ -313,6 +399,43 @@ def measure_stdio(workers: int, n: int) -> tuple[float, float]:
     return result["cpu"] / n * 1e6, n / result["wall"]
 
 
+def measure_chain(url: str, workers: int, n: int, burn_us: int) -> tuple[float, float, float]:
+    """(gateway-side CPU, proxy-side CPU) per call in µs, and calls per second."""
+    port = free_port()
+    proxy = subprocess.Popen(role("chain-proxy", url, str(workers), str(burn_us)), stdout=subprocess.PIPE)
+    gateway = subprocess.Popen(role("chain-gateway", str(port), url))
+    try:
+        assert proxy.stdout is not None
+        proxy.stdout.readline()  # "ready"
+        wait_for_port(port)
+        procs = [psutil.Process(gateway.pid), psutil.Process(proxy.pid)]
+
+        def cpu() -> list[float]:
+            return [p.cpu_times().user + p.cpu_times().system for p in procs]
+
+        async def load() -> tuple[float, float, float]:
+            async def make(worker: int) -> Op:
+                conn = Connection("127.0.0.1", port)
+                await conn.open()
+                path = f"/mcp/{worker}"
+                raw = conn.prepare("POST", path, {"content-type": "application/json"}, REQUEST)
+                for _ in range(20):  # warm
+                    await conn.send(raw)
+                return lambda: conn.send(raw)
+
+            ops = [await make(w) for w in range(workers)]
+            before = cpu()
+            wall = await closed_loop(ops, n)
+            after = cpu()
+            return (after[0] - before[0]) / n * 1e6, (after[1] - before[1]) / n * 1e6, n / wall
+
+        return run(load())
+    finally:
+        for p in (gateway, proxy):
+            p.terminate()
+            p.wait(10)
+
+
 def measure_jetstream(url: str, n: int) -> dict[str, float]:
     import nats
 
@@ -336,6 +459,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n1", type=int, default=3000, help="operations at concurrency 1")
     parser.add_argument("--n16", type=int, default=12000, help="operations at concurrency 16")
+    parser.add_argument(
+        "--burn-us", type=int, default=700, help="CPU each chain upstream burns per call (µs)"
+    )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -348,6 +474,10 @@ def main() -> None:
             nats_requester(rest[0], int(rest[1]), int(rest[2]))
         elif name == "stdio-parent":
             stdio_parent(int(rest[0]), int(rest[1]))
+        elif name == "chain-gateway":
+            chain_gateway(int(rest[0]), rest[1])
+        elif name == "chain-proxy":
+            chain_proxy(rest[0], int(rest[1]), int(rest[2]))
         elif name == "js-publish":
             js_publisher(rest[0], int(rest[1]), rest[2])
         elif name == "js-consume":
@@ -373,6 +503,10 @@ def main() -> None:
                     rows.setdefault(name, []).append(value)
                 for name, value in (("http", http_rate), ("nats", nats_rate), ("stdio", stdio_rate)):
                     rates.setdefault(name, []).append(value)
+            chains = [
+                measure_chain(broker.url, workers, n, args.burn_us)
+                for workers, n in ((1, args.n1), (16, args.n16 // 4))
+            ]
             events = measure_jetstream(broker.url, args.n16)
         finally:
             broker.stop()
@@ -388,6 +522,13 @@ def main() -> None:
     print(f"  {'mcp_proxy floor (NATS reply + stdio)':40}{proxy[0]:8.0f}{proxy[1]:8.0f}")
     total = [gateway[i] + proxy[i] for i in range(2)]
     print(f"  {'a call floor (both)':40}{total[0]:8.0f}{total[1]:8.0f}   budget: 500")
+    print(f"\nThe chain put together, upstreams burning {args.burn_us} us a call (CPU per call, us):")
+    print(f"  {'':40}{'c=1':>8}{'c=16':>8}")
+    print(f"  {'gateway side (HTTP, NATS request)':40}{chains[0][0]:8.0f}{chains[1][0]:8.0f}")
+    print(f"  {'proxy side (NATS reply, stdio)':40}{chains[0][1]:8.0f}{chains[1][1]:8.0f}")
+    both = [c[0] + c[1] for c in chains]
+    print(f"  {'both':40}{both[0]:8.0f}{both[1]:8.0f}   budget: 500")
+    print(f"  {'calls per second':40}{chains[0][2]:8.0f}{chains[1][2]:8.0f}")
     print(f"\nCPU per event of the event pipeline (us; {args.n16} events):")
     print(f"  {'relay: publish_async, batches of 20':40}{events['publish_async']:8.0f}")
     print(f"  {'relay: Replies.request_all, batches of 20':40}{events['request_all']:8.0f}")
