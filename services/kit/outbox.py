@@ -67,6 +67,9 @@ NOTIFICATION_HEADER = "Gatehouse-Notification-Id"
 BOOKMARK_EVERY_S = 1.0
 ACK_TIMEOUT_S = 5.0
 _EXPECTED_STREAM = Header.EXPECTED_STREAM.value  # the stream refuses a message meant for another
+BATCH = 200  # notifications per store read and per pipelined publish
+FED_MAX = 10_000  # rows kept from `feed`; past it the store is read instead
+EVENT_NAMESPACE = uuid.UUID("6f1d8a52-2c55-4c9e-9a43-5a1f0c1a9d11")
 
 
 class _PubAck(msgspec.Struct):
@@ -90,11 +93,6 @@ def stored(reply: Msg | None) -> bool:
     except msgspec.DecodeError:
         return False
     return ack.error is None and ack.stream == STREAM and ack.seq > 0
-
-
-BATCH = 200  # notifications per store read and per pipelined publish
-FED_MAX = 10_000  # rows kept from `feed`; past it the store is read instead
-EVENT_NAMESPACE = uuid.UUID("6f1d8a52-2c55-4c9e-9a43-5a1f0c1a9d11")
 
 
 class Outgoing(msgspec.Struct):
