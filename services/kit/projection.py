@@ -45,6 +45,7 @@ from services.kit.ahead import Ahead, StagingWorker
 from services.kit.bus import Bus
 from services.kit.history import StoredHistory
 from services.kit.lease import Lease
+from services.kit.pull import Puller
 from services.kit.stream_reader import Record, read_stream
 from services.kit.tasks import stop_task
 
@@ -251,7 +252,8 @@ class ProjectionConsumer:
                     if sub is None:
                         renewed_at = await self._catch_up(renewed_at)
                         await self._align_consumer()
-                        sub = await self.bus.js.pull_subscribe_bind(self.name, stream=STREAM)
+                        sub = Puller(self.bus.nc, STREAM, self.name)
+                        await sub.start()
                     if loop.time() - renewed_at > self._lease.ttl / 3:
                         if not await self._lease.renew():
                             raise RuntimeError("projection lease lost")
@@ -270,7 +272,7 @@ class ProjectionConsumer:
                     log.warning("projection %s paused: %r", self.name, err)
                     if sub is not None:
                         with contextlib.suppress(Exception):
-                            await sub.unsubscribe()
+                            await sub.stop()
                         sub = None
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -279,7 +281,7 @@ class ProjectionConsumer:
         finally:
             if sub is not None:
                 with contextlib.suppress(BaseException):
-                    await sub.unsubscribe()
+                    await sub.stop()
             with contextlib.suppress(BaseException):
                 await self._lease.release()
 
@@ -552,7 +554,8 @@ async def replay_into(
 
 
 async def _cancel_until_done(task: asyncio.Task[None], rounds: int = 50) -> None:
-    """Python 3.11's `wait_for` (used inside nats-py's fetch) can swallow a cancellation."""
+    """Python 3.11's `wait_for` can swallow a cancellation; the task may be inside one (nats-py's
+    JetStream and key-value calls, under the lease and the consumer's set-up, use it)."""
     for _ in range(rounds):
         if task.done():
             return
