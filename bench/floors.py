@@ -232,21 +232,26 @@ def js_publisher(url: str, n: int, mode: str) -> None:
     run(main())
 
 
-def js_consumer(url: str, n: int) -> None:
+def js_consumer(url: str, n: int, mode: str) -> None:
     import nats
     from nats.js.api import AckPolicy, ConsumerConfig
+
+    from services.kit.pull import Puller
 
     async def main() -> None:
         nc = await nats.connect(url)
         js = nc.jetstream()
         sub = await js.pull_subscribe(
-            f"{STREAM}.ev", durable="floors", config=ConsumerConfig(ack_policy=AckPolicy.ALL)
+            f"{STREAM}.ev", durable=mode, config=ConsumerConfig(ack_policy=AckPolicy.ALL)
         )
+        puller = Puller(nc, STREAM, mode)
+        await puller.start()
+        fetch = puller.fetch if mode == "puller" else sub.fetch
         before = own_cpu()
         start = time.perf_counter()
         taken = 0
         while taken < n:
-            msgs = await sub.fetch(FETCH_BATCH, timeout=5.0)
+            msgs = await fetch(FETCH_BATCH, timeout=5.0)
             taken += len(msgs)
             await msgs[-1].ack()
         wall = time.perf_counter() - start
@@ -451,7 +456,8 @@ def measure_jetstream(url: str, n: int) -> dict[str, float]:
     for mode in ("publish_async", "request_all"):
         run(make_stream())
         out[mode] = child_result(role("js-publish", url, str(n), mode))["cpu"] / n * 1e6
-    out["consume"] = child_result(role("js-consume", url, str(n)))["cpu"] / n * 1e6
+    for mode in ("fetch", "puller"):
+        out[mode] = child_result(role("js-consume", url, str(n), mode))["cpu"] / n * 1e6
     return out
 
 
@@ -481,7 +487,7 @@ def main() -> None:
         elif name == "js-publish":
             js_publisher(rest[0], int(rest[1]), rest[2])
         elif name == "js-consume":
-            js_consumer(rest[0], int(rest[1]))
+            js_consumer(rest[0], int(rest[1]), rest[2])
         return
 
     print(speed_line(), flush=True)
@@ -532,7 +538,8 @@ def main() -> None:
     print(f"\nCPU per event of the event pipeline (us; {args.n16} events):")
     print(f"  {'relay: publish_async, batches of 20':40}{events['publish_async']:8.0f}")
     print(f"  {'relay: Replies.request_all, batches of 20':40}{events['request_all']:8.0f}")
-    print(f"  {'projection: fetch 100, one ack':40}{events['consume']:8.0f}")
+    print(f"  {'projection: nats-py fetch 100, one ack':40}{events['fetch']:8.0f}")
+    print(f"  {'projection: kit Puller 100, one ack':40}{events['puller']:8.0f}")
     print("\nOperations per second (closed loop, c=1 / c=16):")
     for name, (one, sixteen) in rates.items():
         print(f"  {name:8}{one:10.0f}{sixteen:10.0f}")
