@@ -99,8 +99,8 @@ class Puller:
             raise failed
 
     async def _on_msg(self, msg: Msg) -> None:
-        token = msg.subject[len(self._base) :]
-        status = msg.headers.get(_STATUS) if msg.headers else None
+        headers = msg.headers
+        status = headers.get(_STATUS) if headers else None
         if status is None:
             # Delivered messages keep their own subjects (only the subscription tells where
             # they go), so each counts for the request in flight. One of an earlier request
@@ -110,11 +110,11 @@ class Puller:
                 self._wanted -= 1
                 if self._wanted <= 0:
                     _settle(self._ready)
-        elif token == self._token and self._ready is not None:
+        elif self._ready is not None and msg.subject[len(self._base) :] == self._token:
             if status == "503":  # JetStream is not there (or not enabled) for this account
                 self._failed = NoRespondersError()
             elif status == "409":  # the consumer was deleted, a server limit, a leader change
-                detail = msg.headers.get(_DESCRIPTION, "") if msg.headers else ""
+                detail = headers.get(_DESCRIPTION, "") if headers else ""
                 self._failed = PullFailed(f"pull request refused: 409 {detail}".strip())
             elif status not in _ENDS_REQUEST:
                 return  # 100: a heartbeat

@@ -40,11 +40,8 @@ class Replies:
             raise ConnectionClosedError
         if not self._base:
             await self._subscribe(nc)
-        self._count += 1
-        token = str(self._count)
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Msg | None] = loop.create_future()
-        self._waiting[token] = future
+        token, future = self._expect(loop)
         timer = loop.call_later(timeout, _expire, future)
         try:
             await nc.publish(subject, payload, reply=self._base + token, headers=headers)
@@ -78,10 +75,7 @@ class Replies:
         futures: list[asyncio.Future[Msg | None]] = []
         try:
             for subject, payload, headers in messages:
-                self._count += 1
-                token = str(self._count)
-                future: asyncio.Future[Msg | None] = loop.create_future()
-                self._waiting[token] = future
+                token, future = self._expect(loop)
                 tokens.append(token)
                 futures.append(future)
                 await nc.publish(subject, payload, reply=self._base + token, headers=headers)
@@ -91,6 +85,14 @@ class Replies:
             for token in tokens:
                 del self._waiting[token]
         return [f.result() if f.done() else None for f in futures]
+
+    def _expect(self, loop: asyncio.AbstractEventLoop) -> tuple[str, "asyncio.Future[Msg | None]"]:
+        """A new token, and the future its reply will complete."""
+        self._count += 1
+        token = str(self._count)
+        future: asyncio.Future[Msg | None] = loop.create_future()
+        self._waiting[token] = future
+        return token, future
 
     async def _subscribe(self, nc: Client) -> None:
         async with self._subscribing:  # concurrent first calls subscribe once
