@@ -35,11 +35,7 @@ class Replies:
         self, subject: str, payload: bytes, timeout: float, headers: dict[str, str] | None = None
     ) -> Msg:
         """The reply; NoRespondersError when nobody listens, nats' TimeoutError after `timeout`."""
-        nc = self._nc()
-        if nc is None:
-            raise ConnectionClosedError
-        if not self._base:
-            await self._subscribe(nc)
+        nc = await self._connection()
         loop = asyncio.get_running_loop()
         token, future = self._expect(loop)
         timer = loop.call_later(timeout, _expire, future)
@@ -65,11 +61,7 @@ class Replies:
         `asyncio.wait_for` task and a done callback per message. Here a batch costs a future
         per message and one wait; the publishes leave together through the flusher.
         """
-        nc = self._nc()
-        if nc is None:
-            raise ConnectionClosedError
-        if not self._base:
-            await self._subscribe(nc)
+        nc = await self._connection()
         loop = asyncio.get_running_loop()
         tokens: list[str] = []
         futures: list[asyncio.Future[Msg | None]] = []
@@ -85,6 +77,15 @@ class Replies:
             for token in tokens:
                 del self._waiting[token]
         return [f.result() if f.done() else None for f in futures]
+
+    async def _connection(self) -> Client:
+        """The connection, its reply subscription made on first use."""
+        nc = self._nc()
+        if nc is None:
+            raise ConnectionClosedError
+        if not self._base:
+            await self._subscribe(nc)
+        return nc
 
     def _expect(self, loop: asyncio.AbstractEventLoop) -> tuple[str, "asyncio.Future[Msg | None]"]:
         """A new token, and the future its reply will complete."""
