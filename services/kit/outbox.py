@@ -329,7 +329,11 @@ class OutboxRelay:
         occurred_at: datetime = getattr(domain_event, "timestamp")  # noqa: B009 - aggregate events have it
         envelope = envelope_for(notification, occurred_at, out)
         headers = telemetry.inject(
-            {"Nats-Msg-Id": envelope.event_id, NOTIFICATION_HEADER: str(notification.id)},
+            {
+                "Nats-Msg-Id": envelope.event_id,
+                NOTIFICATION_HEADER: str(notification.id),
+                _EXPECTED_STREAM: STREAM,
+            },
             envelope.trace,
         )
         return _Message(event_subject(envelope.type), encode_envelope(envelope), headers)
@@ -341,7 +345,7 @@ class OutboxRelay:
             return
         await failpoints.stall_if("relay.before_publish")
         acks = await replies(self.bus.nc).request_all(
-            [(m.subject, m.body, {**m.headers, _EXPECTED_STREAM: STREAM}) for m in messages],
+            [(m.subject, m.body, m.headers) for m in messages],
             ACK_TIMEOUT_S,
         )
         unconfirmed = [i for i, ack in enumerate(acks) if not stored(ack)]
